@@ -21,6 +21,7 @@ __all__ = ['log', 'CLOSED', 'OPEN', 'HALF_OPEN', 'counts_as_failure', 'CircuitBr
 
 # %% ../nbs/08_breaker.ipynb #c005
 class _MemoryStore:
+    refresh = 0.0
     def __init__(self): self.d, self.lock = {}, threading.RLock()
     def get(self, k): return self.d.get(k)
     def update(self, k, fn):
@@ -29,6 +30,7 @@ class _MemoryStore:
 
 class _DiskStore:
     "Breaker state in a diskcache shared by the host's processes; updates in one transaction."
+    refresh = 0.1     # seconds a clean (closed, failure-free) reading is trusted without reading again
     def __init__(self, directory:Path):
         import diskcache
         self.c = diskcache.Cache(str(directory), timeout=5)
@@ -37,6 +39,9 @@ class _DiskStore:
     def update(self, k, fn):
         with self.lock, self.c.transact():
             new = fn(self.c.get(k)); self.c.set(k, new); return new
+
+def _clean(st) -> bool: return not st or (st["state"] == CLOSED and not st["failures"])
+def _fresh() -> dict: return {"state": CLOSED, "failures": [], "opened_at": 0.0, "probes": 0, "probe_at": 0.0}
 
 # %% ../nbs/08_breaker.ipynb #c006
 class CircuitBreaker:
@@ -48,6 +53,15 @@ class CircuitBreaker:
         self.store = store or _MemoryStore()
         self.key = f"breaker:{endpoint}"
         self.on_transition: list = []
+        self._clean_until = 0.0     # monotonic time until which a clean reading is trusted
+    def _read(self):
+        "The stored state; remembers a clean one for the store's `refresh` seconds."
+        st = self.store.get(self.key)
+        if self.store.refresh and _clean(st): self._clean_until = time.monotonic() + self.store.refresh
+        return st
+    def _update(self, fn):
+        self._clean_until = 0.0
+        return self.store.update(self.key, fn)
     def _transition(self, old:str, new:str, why:str):
         (log.warning if new == OPEN else log.info)("circuit %s: %s -> %s (%s)", self.endpoint, old, new, why)
         for cb in list(self.on_transition):
@@ -55,67 +69,84 @@ class CircuitBreaker:
             except Exception as e: log.warning("breaker callback failed: %s", e)
     @property
     def state(self) -> str:
-        "The current state (an open breaker past its reset timeout reads as half_open)."
+        "The current state, read from the store (an open breaker past its reset timeout reads as half_open)."
         st = self.store.get(self.key)
         if not st: return CLOSED
         if st["state"] == OPEN and time.time() - st["opened_at"] >= self.reset_timeout: return HALF_OPEN
         return st["state"]
+    def __repr__(self): return f"CircuitBreaker({self.endpoint!r}, {self.state})"
 
 # %% ../nbs/08_breaker.ipynb #c008
+def _probe_free(self:CircuitBreaker, st:dict, now:float) -> bool:
+    return st.get("probes", 0) < self.max_probes or now - st.get("probe_at", 0.0) >= self.reset_timeout
+CircuitBreaker._probe_free = _probe_free
+
 def allows(self:CircuitBreaker) -> bool:
     "Would a call be let through now? (no side effects)"
-    if not self.enabled: return True
-    st = self.store.get(self.key)
+    if not self.enabled or time.monotonic() < self._clean_until: return True
+    st = self._read()
     if not st or st["state"] == CLOSED: return True
-    if st["state"] == OPEN: return time.time() - st["opened_at"] >= self.reset_timeout
-    return st.get("probes", 0) < self.max_probes
+    now = time.time()
+    if st["state"] == OPEN: return now - st["opened_at"] >= self.reset_timeout
+    return self._probe_free(st, now)
 CircuitBreaker.allows = allows
+
+def _refuse(self:CircuitBreaker, st:dict):
+    wait = max(0.0, self.reset_timeout - (time.time() - st["opened_at"]))
+    state = OPEN if st["state"] == OPEN and wait > 0 else st["state"]
+    raise CircuitOpen(f"circuit for {self.endpoint} is {state} after {len(st['failures'])} failures; "
+                      + (f"next probe in {wait:.1f}s" if state == OPEN else "a probe call is in flight"),
+                      endpoint=self.endpoint, retryable=False)
+CircuitBreaker._refuse = _refuse
 
 def before(self:CircuitBreaker):
     "Take permission for one call, or raise `CircuitOpen`."
-    if not self.enabled: return
-    st = self.store.get(self.key)
+    if not self.enabled or time.monotonic() < self._clean_until: return
+    st = self._read()
     if not st or st["state"] == CLOSED: return
+    if st["state"] == OPEN and time.time() - st["opened_at"] < self.reset_timeout: self._refuse(st)
     moved = []
     def take(st):
-        st = dict(st or {"state": CLOSED, "failures": [], "opened_at": 0.0, "probes": 0})
+        st = dict(st or _fresh())
         now = time.time()
         if st["state"] == OPEN and now - st["opened_at"] >= self.reset_timeout:
             st.update(state=HALF_OPEN, probes=0); moved.append((OPEN, HALF_OPEN))
-        if st["state"] == HALF_OPEN and st.get("probes", 0) < self.max_probes:
-            st["probes"] = st.get("probes", 0) + 1; st["granted"] = True
+        if st["state"] == HALF_OPEN and self._probe_free(st, now):
+            if st.get("probes", 0) >= self.max_probes: st["probes"] = 0     # expired leases
+            st["probes"] = st.get("probes", 0) + 1; st["probe_at"] = now; st["granted"] = True
         else: st["granted"] = st["state"] == CLOSED
         return st
-    st = self.store.update(self.key, take)
-    for old, new in moved: self._transition(old, new, f"reset timeout {self.reset_timeout}s passed; probing")
-    if not st.pop("granted", False):
-        wait = max(0.0, self.reset_timeout - (time.time() - st["opened_at"]))
-        raise CircuitOpen(f"circuit for {self.endpoint} is {st['state']} after {len(st['failures'])} failures; "
-                          f"next probe in {wait:.1f}s", endpoint=self.endpoint, retryable=False)
+    st = self._update(take)
+    for old, new in moved: self._transition(old, new, f"reset timeout {self.reset_timeout:g}s passed; probing")
+    if not st.pop("granted", False): self._refuse(st)
 CircuitBreaker.before = before
 
 # %% ../nbs/08_breaker.ipynb #c010
 def success(self:CircuitBreaker):
     "Report a successful call."
-    if not self.enabled: return
-    st = self.store.get(self.key)
-    if not st or (st["state"] == CLOSED and not st["failures"]): return
+    if not self.enabled or time.monotonic() < self._clean_until: return
+    st = self._read()
+    if _clean(st): return
     moved = []
     def ok(st):
-        st = dict(st)
+        st = dict(st or _fresh())
         if st["state"] in (HALF_OPEN, OPEN): moved.append(st["state"])
         st.update(state=CLOSED, failures=[], probes=0)
         return st
-    self.store.update(self.key, ok)
+    self._update(ok)
     for old in moved: self._transition(old, CLOSED, "probe succeeded")
 
 def failure(self:CircuitBreaker, error:BaseException|None=None):
-    "Report a failed call (ignored unless it says the endpoint is unhealthy)."
-    if not self.enabled or (error is not None and not counts_as_failure(error)): return
+    "Report a failed call (only counted if it says the endpoint is unhealthy)."
+    if not self.enabled: return
+    if error is not None and not counts_as_failure(error):
+        if (st := self.store.get(self.key)) and st["state"] == HALF_OPEN and st.get("probes", 0) > 0:
+            self._update(lambda st: {**st, "probes": max(0, st.get("probes", 0) - 1)})
+        return
     moved = []
     def bad(st):
         now = time.time()
-        st = dict(st or {"state": CLOSED, "failures": [], "opened_at": 0.0, "probes": 0})
+        st = dict(st or _fresh())
         st["failures"] = [t for t in st["failures"] if now - t < self.window][-self.threshold:] + [now]
         if st["state"] == HALF_OPEN or (st["state"] == OPEN and now - st["opened_at"] >= self.reset_timeout):
             moved.append((st["state"], "probe failed")); st.update(state=OPEN, opened_at=now, probes=0)
@@ -123,12 +154,12 @@ def failure(self:CircuitBreaker, error:BaseException|None=None):
             moved.append((CLOSED, f"{len(st['failures'])} failures in {self.window:g}s"))
             st.update(state=OPEN, opened_at=now, probes=0)
         return st
-    self.store.update(self.key, bad)
+    self._update(bad)
     for old, why in moved: self._transition(old, OPEN, why + (f": {type(error).__name__}" if error else ""))
 
 def reset(self:CircuitBreaker):
     "Force the breaker closed (an operator's action)."
-    self.store.update(self.key, lambda st: {"state": CLOSED, "failures": [], "opened_at": 0.0, "probes": 0})
+    self._update(lambda st: _fresh())
 CircuitBreaker.success, CircuitBreaker.failure, CircuitBreaker.reset = success, failure, reset
 
 # %% ../nbs/08_breaker.ipynb #c012

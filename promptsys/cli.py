@@ -10,8 +10,8 @@ from .errors import PromptsysError, InputValidationError, ConfigError, TemplateE
 from .config import load_settings
 
 # %% auto #0
-__all__ = ['COMMANDS', 'cmd_run', 'cmd_prompts_list', 'cmd_prompts_show', 'accuracy_table', 'print_table', 'cmd_demo', 'parser',
-           'main']
+__all__ = ['COMMANDS', 'PLUGINS', 'cmd_run', 'cmd_prompts_list', 'cmd_prompts_show', 'accuracy_table', 'print_table', 'cmd_demo',
+           'parser', 'main']
 
 # %% ../nbs/20_cli.ipynb #c004
 def _settings(a):
@@ -128,13 +128,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/20_cli.ipynb #c009
+PLUGINS = ("promptsys.eval", "promptsys.promote", "promptsys.monitor")
+
 def _load_plugins():
-    "Import the modules that register subcommands (each only costs its import when present)."
+    "Collect `CLI_COMMANDS` from the modules that have them (their heavy imports stay inside the commands)."
     import importlib
-    for m in ("promptsys.promote", "promptsys.monitor"):
-        try: importlib.import_module(m)
-        except ImportError as e:
-            if not str(e).startswith("No module named 'promptsys"): raise
+    for m in PLUGINS:
+        try: mod = importlib.import_module(m)
+        except ModuleNotFoundError as e:
+            if e.name == m: continue
+            raise
+        COMMANDS.update(getattr(mod, "CLI_COMMANDS", {}))
 
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `promptsys` command."

@@ -9,13 +9,14 @@ from pathlib import Path
 from .errors import ConfigError
 
 # %% auto #0
-__all__ = ['SCHEMA', 'FREE_SECTIONS', 'ENV_PREFIX', 'Section', 'Settings', 'find_settings_file', 'load_settings', 'get_settings']
+__all__ = ['SCHEMA', 'FREE_SECTIONS', 'UNDER_STATE_DIR', 'ENV_PREFIX', 'Section', 'Settings', 'find_settings_file',
+           'load_settings', 'get_settings']
 
 # %% ../nbs/01_config.ipynb #c005
 SCHEMA: dict[str, dict[str, tuple]] = {
     "promptsys": dict(prompts_dir=("path", "prompts"), state_dir=("path", ".promptsys"),
                       mode=(("strict", "service"), "strict"), log_level=("str", "WARNING"),
-                      records=(("log", "jsonl", "none"), "log"), records_path=("path", ".promptsys/records.jsonl")),
+                      records=(("log", "jsonl", "none"), "log"), records_path=("path", "")),
     "model": dict(provider=(("local", "openai", "anthropic", "replay"), "local"), name=("str", ""),
                   max_tokens=("int", 0), temperature=("float", 0.0), seed=("int", 0),
                   fallbacks=("list", ""), cascade=("list", ""), cascade_min_confidence=("float", 0.0)),
@@ -29,10 +30,10 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "anthropic": dict(base_url=("str", "https://api.anthropic.com"), api_key_env=("str", "ANTHROPIC_API_KEY"),
                       model=("str", "claude-3-5-haiku-latest"), api_version=("str", "2023-06-01"),
                       connect_timeout=("float", 5.0), read_timeout=("float", 60.0)),
-    "replay": dict(cassette=("path", ".promptsys/cassettes/default.json"),
+    "replay": dict(cassette=("path", ""),
                    mode=(("replay", "record", "auto"), "replay"),
                    inner=(("local", "openai", "anthropic"), "local")),
-    "cache": dict(enabled=("bool", True), dir=("path", ".promptsys/cache"), ttl_seconds=("float", 7 * 86400),
+    "cache": dict(enabled=("bool", True), dir=("path", ""), ttl_seconds=("float", 7 * 86400),
                   size_limit_mb=("int", 1024)),
     "retry": dict(max_attempts=("int", 4), initial_wait=("float", 0.25), max_wait=("float", 8.0),
                   jitter=("float", 0.25), deadline_seconds=("float", 120.0)),
@@ -52,7 +53,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                  max_format_drop=("float", 0.02), max_p95_latency_increase=("float", 0.5),
                  max_cost_increase=("float", 0.5), regression_threshold=("float", 0.05),
                  auto_rollback=("bool", False)),
-    "monitor": dict(enabled=("bool", False), db_path=("path", ".promptsys/metrics.db"),
+    "monitor": dict(enabled=("bool", False), db_path=("path", ""),
                     flush_seconds=("float", 1.0), batch_size=("int", 256)),
     "alerts": dict(max_error_rate=("float", 0.05), max_p95_latency_ms=("float", 5000.0),
                    min_accuracy=("float", 0.0), budget_used=("float", 0.8),
@@ -60,6 +61,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                    webhook_url=("str", ""), window_hours=("float", 24.0)),
 }
 FREE_SECTIONS = {"prices"}
+# Paths left empty live under [promptsys] state_dir, so one setting moves all of a service's state.
+UNDER_STATE_DIR = {("promptsys", "records_path"): "records.jsonl", ("cache", "dir"): "cache",
+                   ("replay", "cassette"): "cassettes/default.json", ("monitor", "db_path"): "metrics.db"}
 ENV_PREFIX = "PROMPTSYS_"
 
 # %% ../nbs/01_config.ipynb #c007
@@ -161,6 +165,8 @@ def load_settings(path:str|Path|None=None, # A settings file; default: see `find
             raise ConfigError(f"unknown key [{s}] {k} (from {src}); known keys: {', '.join(keys)}", section=s, key=k)
         vals.update({k: v for k, (v, _) in raw[s].items()})
         sections[s] = Section(vals)
+    for (sec, key), sub in UNDER_STATE_DIR.items():
+        if sections[sec][key] is None: sections[sec][key] = Path(sections["promptsys"]["state_dir"]) / sub
     return Settings(sections, Path(path).resolve() if path else None, base)
 
 # %% ../nbs/01_config.ipynb #c014

@@ -14,7 +14,7 @@ log = logging.getLogger("promptsys.cost")
 
 # %% auto #0
 __all__ = ['log', 'PRICES_DATE', 'PRICES_SOURCE', 'PRICES', 'FREE_PROVIDERS', 'PriceTable', 'Reservation', 'Budget', 'reserve',
-           'settle', 'release', 'spent']
+           'settle', 'release', 'spent', 'held']
 
 # %% ../nbs/09_cost.ipynb #c005
 PRICES_DATE = "2025-06-01"
@@ -72,6 +72,18 @@ class Reservation:
 def _usd(micro:int) -> float: return micro / 1e6
 def _micro(usd:float) -> int: return int(round(usd * 1e6))
 
+_counters: dict[str, object] = {}
+_counters_lock = threading.Lock()
+
+def _open_counters(directory:Path):
+    "The process's counter store in `directory` (one connection per directory)."
+    k = str(Path(directory).resolve())
+    with _counters_lock:
+        if k not in _counters:
+            import diskcache
+            _counters[k] = diskcache.Cache(k, timeout=10, cull_limit=0, eviction_policy="none")
+        return _counters[k]
+
 class Budget:
     "Daily and total budgets, global and per task; `reserve` before a call, `settle` after."
     def __init__(self, directory:Path|None, limits:dict[str, float], on_exceed:str="stop", alert_at:float=0.8,
@@ -79,10 +91,7 @@ class Budget:
         self.limits = {k: v for k, v in limits.items() if v and v > 0}   # e.g. {"global:day": 5.0, "task:sentiment:total": 50}
         self.on_exceed, self.alert_at, self.task = on_exceed, alert_at, task
         self.on_alert: list = []    # callables(scope, spent_usd, limit_usd)
-        self._c = None
-        if self.limits:
-            import diskcache
-            self._c = diskcache.Cache(str(directory), timeout=10)
+        self._c = _open_counters(directory) if self.limits else None
     @classmethod
     def from_settings(cls, s, task=None) -> "Budget":
         b = s.budget
@@ -93,9 +102,15 @@ class Budget:
         return cls(Path(s.promptsys.state_dir) / "budget", limits, b.on_exceed, b.alert_at, task.name if task else "")
     @property
     def active(self) -> bool: return bool(self.limits)
+    def __repr__(self): return f"Budget({self.limits}, on_exceed={self.on_exceed!r})"
     def _keys(self) -> list[tuple[str, str, float]]:
         day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
         return [(scope, scope.replace(":day", f":day:{day}"), lim) for scope, lim in self.limits.items()]
+    def _row(self, key:str) -> list[int]:
+        "[spent, held, alerted] of one scope (micro-dollars)."
+        v = self._c.get(key)
+        return [int(x) for x in v.split()] if v else [0, 0, 0]
+    def _put(self, key:str, row:list[int]): self._c.set(key, " ".join(map(str, row)))
 
 # %% ../nbs/09_cost.ipynb #c010
 def reserve(self:Budget, estimate_usd:float, model:str="") -> Reservation|None:
@@ -103,15 +118,13 @@ def reserve(self:Budget, estimate_usd:float, model:str="") -> Reservation|None:
     if not self.limits or estimate_usd <= 0: return None
     amt, keys = _micro(estimate_usd), self._keys()
     with self._c.transact():
-        over = []
-        for scope, key, lim in keys:
-            used = self._c.get(key, 0) + self._c.get(key + ":held", 0)
-            if used + amt > _micro(lim): over.append((scope, _usd(used), lim))
+        rows = [self._row(key) for _, key, _ in keys]
+        over = [(scope, _usd(r[0] + r[1]), lim) for (scope, _, lim), r in zip(keys, rows) if r[0] + r[1] + amt > _micro(lim)]
         if over and self.on_exceed != "warn":
             scope, used, lim = over[0]
             raise BudgetExceeded(f"budget {scope} would be exceeded: ${used:.6f} spent or held of ${lim:.6f}, "
                                  f"this call ~${estimate_usd:.6f} on {model or 'the model'}", scope=scope)
-        for _, key, _ in keys: self._c.set(key + ":held", self._c.get(key + ":held", 0) + amt)
+        for (_, key, _), r in zip(keys, rows): r[1] += amt; self._put(key, r)
     for scope, used, lim in over: log.warning("budget %s exceeded ($%.6f of $%.6f); on_exceed=warn", scope, used, lim)
     return Reservation(amt, tuple(k for _, k, _ in keys))
 Budget.reserve = reserve
@@ -120,17 +133,16 @@ def settle(self:Budget, r:Reservation|None, actual_usd:float):
     "Replace a reservation by the call's real cost (also charges calls made without a reservation)."
     if not self.limits: return
     amt = _micro(actual_usd)
-    keys = self._keys()
     if r is None and amt <= 0: return
     crossed = []
     with self._c.transact():
-        for scope, key, lim in keys:
-            if r is not None and key in r.scopes: self._c.set(key + ":held", max(0, self._c.get(key + ":held", 0) - r.amount))
-            before = self._c.get(key, 0); after = before + amt
-            self._c.set(key, after)
-            mark = f"{key}:alerted"
-            if after >= _micro(lim) * self.alert_at and not self._c.get(mark):
-                self._c.set(mark, 1); crossed.append((scope, _usd(after), lim))
+        for scope, key, lim in self._keys():
+            row = self._row(key)
+            if r is not None and key in r.scopes: row[1] = max(0, row[1] - r.amount)
+            row[0] += amt
+            if not row[2] and row[0] >= _micro(lim) * self.alert_at:
+                row[2] = 1; crossed.append((scope, _usd(row[0]), lim))
+            self._put(key, row)
     for scope, spent, lim in crossed:
         log.warning("budget %s at %.0f%% ($%.6f of $%.6f)", scope, 100 * spent / lim, spent, lim)
         for cb in list(self.on_alert):
@@ -141,10 +153,16 @@ def release(self:Budget, r:Reservation|None):
     "Drop a reservation whose call never happened (it failed before costing anything)."
     if r is None or not self.limits: return
     with self._c.transact():
-        for k in r.scopes: self._c.set(k + ":held", max(0, self._c.get(k + ":held", 0) - r.amount))
+        for k in r.scopes:
+            row = self._row(k); row[1] = max(0, row[1] - r.amount); self._put(k, row)
 
 def spent(self:Budget) -> dict[str, float]:
     "USD spent so far per scope (today's for daily scopes)."
     if not self.limits: return {}
-    return {scope: _usd(self._c.get(key, 0)) for scope, key, _ in self._keys()}
-Budget.settle, Budget.release, Budget.spent = settle, release, spent
+    return {scope: _usd(self._row(key)[0]) for scope, key, _ in self._keys()}
+
+def held(self:Budget) -> dict[str, float]:
+    "USD reserved by calls in flight per scope."
+    if not self.limits: return {}
+    return {scope: _usd(self._row(key)[1]) for scope, key, _ in self._keys()}
+Budget.settle, Budget.release, Budget.spent, Budget.held = settle, release, spent, held

@@ -115,6 +115,9 @@ class Pipeline:
                       if (s.cache.enabled if cache is None else cache) else None)
         self.sinks = list(sinks or [])
         if s.promptsys.records == "jsonl": self.sinks.append(JSONLSink(s.promptsys.records_path))
+        if s.monitor.enabled:
+            from promptsys.monitor import metrics_store
+            self.sinks.append(metrics_store(s))
         self._log = s.promptsys.records == "log"
         self._var = self.task.input.variable
         self._cascade = bool(s.model.cascade)

@@ -135,7 +135,8 @@ def load_task(name:str, # The task's folder name
         n = int(m.group(1))
         if n in versions: raise ConfigError(f"{d}: two files for version {n}: {versions[n].path.name} and {f.name}",
                                             "Keep one file per version number.")
-        versions[n] = PromptVersion(name, n, m.group(2) or "", f.read_text(encoding="utf-8"), f, notes.get(n, ""))
+        text = f.read_text(encoding="utf-8").replace("\r\n", "\n").removesuffix("\n")  # a file's final newline is not part of the prompt
+        versions[n] = PromptVersion(name, n, m.group(2) or "", text, f, notes.get(n, ""))
     ds = cfg.get("dataset", {}).get("path")
     return Task(name=cfg.get("name", name), dir=d, description=cfg.get("description", ""),
                 output=OutputSchema.from_dict(cfg.get("output", {}), where), input=InputLimits(**inp),

@@ -23,38 +23,57 @@ class RetryPolicy:
                  deadline:float=120.0):
         self.max_attempts, self.deadline = max(1, max_attempts), deadline
         self._expo = wait_exponential_jitter(initial=initial_wait, max=max_wait, jitter=jitter)
-        self._stop = stop_after_attempt(self.max_attempts) | stop_after_delay(deadline)
     @classmethod
     def from_settings(cls, s):
         r = s.retry
         return cls(r.max_attempts, r.initial_wait, r.max_wait, r.jitter, r.deadline_seconds)
-    def wait(self, state) -> float:
-        "Seconds before the next attempt: backoff, at least Retry-After, never past the deadline."
-        w = self._expo(state)
-        ra = getattr(state.outcome.exception(), "retry_after", None)
-        if ra is not None: w = max(w, ra)
-        return max(0.0, min(w, self.deadline - state.seconds_since_start))
-    def _retrying(self, cls):
-        return cls(stop=self._stop, wait=self.wait, retry=retry_if_exception(retryable), reraise=True)
+    def __repr__(self): return f"RetryPolicy(max_attempts={self.max_attempts}, deadline={self.deadline:g}s)"
+    def _retrying(self, cls, spent:float=0.0):
+        "A tenacity retrier for one call whose first `spent` seconds are already gone."
+        left = self.deadline - spent
+        def wait(state) -> float:
+            "Seconds before the next attempt: backoff, at least Retry-After, never past the deadline."
+            w = self._expo(state)
+            ra = getattr(state.outcome.exception(), "retry_after", None)
+            if ra is not None: w = max(w, ra)
+            return max(0.0, min(w, left - state.seconds_since_start))
+        return cls(stop=stop_after_attempt(self.max_attempts) | stop_after_delay(left), wait=wait,
+                   retry=retry_if_exception(retryable), reraise=True)
 
 # %% ../nbs/07_retry.ipynb #c006
 def _call(self:RetryPolicy, group, req):
-    n = 0
+    t0 = time.monotonic()
+    try: return group.attempt(req), 0
+    except ProviderError as e:
+        if not retryable(e) or self.max_attempts == 1: e.attempts = 1; raise
+        first = e
+    n = 1
     def attempt():
-        nonlocal n; n += 1
+        nonlocal n, first
+        if first is not None:
+            e, first = first, None; raise e       # the failure we already had is tenacity's attempt 1
+        n += 1
         return group.attempt(req)
-    try: c = self._retrying(Retrying)(attempt)
+    try: c = self._retrying(Retrying, time.monotonic() - t0)(attempt)
     except ProviderError as e:
         e.attempts = n; raise
     return c, n - 1
 RetryPolicy.call = _call
 
 async def _acall(self:RetryPolicy, group, req):
-    n = 0
+    t0 = time.monotonic()
+    try: return await group.aattempt(req), 0
+    except ProviderError as e:
+        if not retryable(e) or self.max_attempts == 1: e.attempts = 1; raise
+        first = e
+    n = 1
     async def attempt():
-        nonlocal n; n += 1
+        nonlocal n, first
+        if first is not None:
+            e, first = first, None; raise e
+        n += 1
         return await group.aattempt(req)
-    try: c = await self._retrying(AsyncRetrying)(attempt)
+    try: c = await self._retrying(AsyncRetrying, time.monotonic() - t0)(attempt)
     except ProviderError as e:
         e.attempts = n; raise
     return c, n - 1
@@ -73,9 +92,11 @@ class _Bucket:
         if self.level >= n: self.level -= n; return 0.0
         return (n - self.level) / self.rate
 
+_registry_lock = threading.Lock()
+
 class RateLimiter:
     "Requests/min and tokens/min for one endpoint, with a back-off after 429s."
-    _all: dict[str, "RateLimiter"] = {}
+    _all: dict[tuple, "RateLimiter"] = {}
     def __init__(self, requests_per_minute:float=0, tokens_per_minute:float=0, backoff_on_429:float=1.0):
         self.req = _Bucket(requests_per_minute) if requests_per_minute > 0 else None
         self.tok = _Bucket(tokens_per_minute) if tokens_per_minute > 0 else None
@@ -83,11 +104,12 @@ class RateLimiter:
         self._lock = threading.Lock()
     @classmethod
     def for_endpoint(cls, endpoint:str, s) -> "RateLimiter":
-        "The process's limiter for `endpoint` (one per endpoint, shared by pipelines)."
-        if endpoint not in cls._all:
-            r = s.ratelimit
-            cls._all[endpoint] = cls(r.requests_per_minute, r.tokens_per_minute, r.backoff_on_429)
-        return cls._all[endpoint]
+        "The process's limiter for `endpoint` (one per endpoint and limits, shared by pipelines)."
+        r = s.ratelimit
+        k = (endpoint, r.requests_per_minute, r.tokens_per_minute, r.backoff_on_429)
+        if (lim := cls._all.get(k)) is None:
+            with _registry_lock: lim = cls._all.setdefault(k, cls(*k[1:]))
+        return lim
     def _delay(self, tokens:int) -> float:
         with self._lock:
             d = self.blocked_until - time.monotonic()
