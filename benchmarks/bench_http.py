@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     import os
     import httpx, openai
     from promptsys.pipeline import Pipeline
+    from promptsys.providers import Request
     os.environ["PROMPTSYS_BENCH_KEY"] = "sk-bench-not-a-real-key"
     tmp = Path(tempfile.mkdtemp(prefix="bench_http_"))
     proc, url = start_server()
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
         ours = Pipeline("sentiment", 1, settings=settings_for(tmp, url))
         budgeted = Pipeline("sentiment", 1, settings=settings_for(tmp, url, **{"budget.total_usd": 1e6}))
         prov = ours.provider
-        body = prov.body(ours._prepare(text, {}, None, False).req)
+        body = prov.body(Request([{"role": "user", "content": ours.prompt.render(text=text)}], "", ours.max_tokens, ours.temperature, ours.seed, ours.task.output))
         raw = httpx.Client(headers={"authorization": "Bearer " + os.environ["PROMPTSYS_BENCH_KEY"]})
         sdk = openai.OpenAI(base_url=url + "/v1", api_key=os.environ["PROMPTSYS_BENCH_KEY"], max_retries=0)
         endpoint = url + "/v1/chat/completions"

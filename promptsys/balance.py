@@ -26,14 +26,17 @@ class Group:
         self.targets, self.policy = targets, policy
         self._rr = itertools.count()
         self._lock = threading.Lock()
+    def __repr__(self): return f"Group({self.policy}, {self.targets})"
     def pick(self) -> Target:
-        "A target whose breaker allows a call (raises `CircuitOpen` if none does)."
+        "A target whose breaker allows a call (if none does, the first: its `before()` raises `CircuitOpen`)."
         ts = self.targets
         if len(ts) == 1: return ts[0]
         ok = [t for t in ts if t.breaker.allows()]
         if not ok: return ts[0]     # every breaker is open: let the first one raise CircuitOpen with its details
-        if self.policy == "least_in_flight": return min(ok, key=lambda t: t.in_flight)
-        return ok[next(self._rr) % len(ok)]
+        i = next(self._rr) % len(ok)
+        if self.policy == "least_in_flight":   # ties (e.g. all idle) go round-robin, not always to the first
+            return min(ok[i:] + ok[:i], key=lambda t: t.in_flight)
+        return ok[i]
 
 # %% ../nbs/10_balance.ipynb #c006
 def _before(t:Target, req:Request):
@@ -46,23 +49,27 @@ def _after_error(t:Target, e:ProviderError):
     if isinstance(e, RateLimited): t.limiter.penalize(e.retry_after)
     t.breaker.failure(e)
 
+def _count(self:Group, t:Target, n:int):
+    with self._lock: t.in_flight += n
+Group._count = _count
+
 def attempt(self:Group, req:Request) -> Completion:
     t = self.pick()
     t.limiter.acquire(_before(t, req))
-    t.in_flight += 1
+    self._count(t, 1)
     try: c = t.provider.complete(req)
     except ProviderError as e: _after_error(t, e); raise
-    finally: t.in_flight -= 1
+    finally: self._count(t, -1)
     t.breaker.success()
     return c
 
 async def aattempt(self:Group, req:Request) -> Completion:
     t = self.pick()
     await t.limiter.aacquire(_before(t, req))
-    t.in_flight += 1
+    self._count(t, 1)
     try: c = await t.provider.acomplete(req)
     except ProviderError as e: _after_error(t, e); raise
-    finally: t.in_flight -= 1
+    finally: self._count(t, -1)
     t.breaker.success()
     return c
 Group.attempt, Group.aattempt = attempt, aattempt

@@ -16,12 +16,12 @@ log = logging.getLogger("promptsys.monitor")
 alerts_log = logging.getLogger("promptsys.alerts")
 
 # %% auto #0
-__all__ = ['log', 'alerts_log', 'COLUMNS', 'MAX_QUEUE', 'MIN_CALLS', 'MIN_FEEDBACK', 'alert_callbacks', 'CLI_COMMANDS', 'connect',
-           'MetricsStore', 'flush', 'close', 'db_path', 'metrics_store', 'record_feedback', 'percentile', 'summary',
+__all__ = ['log', 'alerts_log', 'COLUMNS', 'MAX_QUEUE', 'MIN_CALLS', 'MIN_FEEDBACK', 'alert_callbacks', 'RULES', 'CLI_COMMANDS',
+           'connect', 'MetricsStore', 'db_path', 'metrics_store', 'record_feedback', 'percentile', 'summary',
            'timeseries', 'on_alert', 'Alert', 'evaluate_alerts', 'budget_status', 'fire', 'raise_alert', 'check_alerts',
-           'watch_budget', 'dashboard_lines', 'breakdown_table', 'dashboard_text', 'figures', 'dashboard_html',
-           'MonitorCollector', 'prometheus_text', 'serve_metrics', 'cmd_dashboard', 'cmd_feedback', 'cmd_alerts',
-           'cmd_metrics']
+           'fired_alerts', 'watch_budget', 'dashboard_lines', 'breakdown_table', 'shown_alerts', 'dashboard_text',
+           'figures', 'dashboard_html', 'MonitorCollector', 'prometheus_text', 'serve_metrics', 'TraceSink',
+           'cmd_dashboard', 'cmd_feedback', 'cmd_alerts', 'cmd_metrics']
 
 # %% ../nbs/14_monitor.ipynb #c005
 COLUMNS = ("ts", "request_id", "task", "version", "prompt_hash", "model", "provider", "endpoint", "latency_ms",
@@ -77,6 +77,7 @@ class MetricsStore:
         self.path = Path(db_path).resolve()
         self.flush_seconds, self.batch_size = max(0.01, float(flush_seconds)), max(1, int(batch_size))
         self.written = self.dropped = 0
+        self.listeners: list = []     # callables(list of records) called by the writer after each committed batch
         self._init_state()
         connect(self.path).close()      # create the schema now: a bad path fails here, not on the writer
         _all_stores.add(self)
@@ -131,25 +132,35 @@ def _drain(self:MetricsStore) -> int:
             try:
                 while len(batch) < self.batch_size: batch.append(q.popleft())
             except IndexError: pass
-            now = time.time()
-            rows = [tuple(_cell(r.get(c)) if c != "ts" else (r.get("ts") or now) for c in COLUMNS) for r in batch]
             try:
                 if self._con is None: self._con = connect(self.path)
-                self._con.execute("BEGIN IMMEDIATE")
-                try: self._con.executemany(_INSERT, rows); self._con.execute("COMMIT")
-                except BaseException: self._con.execute("ROLLBACK"); raise
+                try: self._write([tuple(map(r.get, COLUMNS)) for r in batch])       # fast path: plain values
+                except (sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.IntegrityError):
+                    now = time.time()                                                # a structured value or no ts
+                    self._write([tuple(_cell(r.get(c)) if c != "ts" else (r.get("ts") or now) for c in COLUMNS) for r in batch])
             except BaseException:
                 q.extendleft(reversed(batch)); raise
             n += len(batch)
+            for fn in self.listeners:
+                try: fn(batch)
+                except Exception as e: log.warning("metrics listener %r failed: %s", fn, redact(str(e)))
     self.written += n
     return n
 MetricsStore._drain = _drain
 
-def flush(self:MetricsStore) -> int:
+def _write(self:MetricsStore, rows:list):
+    "Insert `rows` in one transaction."
+    con = self._con
+    con.execute("BEGIN IMMEDIATE")
+    try: con.executemany(_INSERT, rows); con.execute("COMMIT")
+    except BaseException: con.execute("ROLLBACK"); raise
+MetricsStore._write = _write
+
+def _flush(self:MetricsStore) -> int:
     "Write every queued record now, in the calling thread; returns how many were written."
     return self._drain()
 
-def close(self:MetricsStore):
+def _close(self:MetricsStore):
     "Stop the writer and write what is queued. (A record arriving later restarts the writer.)"
     with self._start_lock:
         t, self._thread = self._thread, None
@@ -158,7 +169,9 @@ def close(self:MetricsStore):
     self._drain()
     with self._lock:
         if self._con is not None: self._con.close(); self._con = None
-MetricsStore.flush, MetricsStore.close = flush, close
+MetricsStore.flush, MetricsStore.close = _flush, _close
+
+_exit_hooks: list = []    # run at exit after the stores are closed
 
 def _close_all():
     global _exiting
@@ -166,6 +179,7 @@ def _close_all():
     for st in list(_all_stores):
         try: st.close()
         except Exception as e: log.warning("metrics store %s: final flush failed: %s", st.path, redact(str(e)))
+    for hook in _exit_hooks: hook()
 
 def _after_fork():
     for st in list(_all_stores): st._init_state()
@@ -194,7 +208,11 @@ def metrics_store(settings:Settings|str|Path|None=None) -> MetricsStore:
     if st is None:
         with _stores_lock:
             st = _stores.get(p)
-            if st is None: st = _stores[p] = MetricsStore(p, s.monitor.flush_seconds, s.monitor.batch_size)
+            if st is None:
+                st = MetricsStore(p, s.monitor.flush_seconds, s.monitor.batch_size)
+                if str(s.monitor.get("tracing", False)).lower() in ("1", "true", "yes", "on"):
+                    st.listeners.append(TraceSink(s))
+                _stores[p] = st
     return st
 
 def _flush_local(p:Path):
@@ -514,6 +532,23 @@ def check_alerts(settings:Settings|str|Path|None=None, hours:float|None=None, ta
     for al in alerts: fire(al, s, callbacks)
     return alerts
 
+RULES = ("error_rate", "p95_latency", "accuracy", "latency_trend", "budget")   # key prefixes of the rules above
+
+def fired_alerts(settings:Settings|str|Path|None=None, hours:float|None=None, now:float|None=None) -> list[Alert]:
+    "Alerts delivered in the window, newest first (the `alert_log` audit trail)."
+    s = _settings(settings)
+    since, until, _ = _window(s, hours, now)
+    con = connect(db_path(s))
+    try: rows = con.execute("SELECT ts, key, severity, message, details FROM alert_log WHERE ts > ? AND ts <= ? "
+                            "ORDER BY ts DESC, id DESC", (since, until)).fetchall()
+    finally: con.close()
+    out = []
+    for ts, key, sev, msg, det in rows:
+        d = json.loads(det or "{}")
+        out.append(Alert(key, msg, sev, d.get("value"), d.get("threshold"), d.get("task"), d.get("version"), ts,
+                         d.get("details") or {}, True))
+    return out
+
 def watch_budget(budget, settings:Settings|str|Path|None=None):
     "Forward a `promptsys.cost.Budget`'s threshold crossings (`on_alert`) to `raise_alert`."
     def forward(scope, spent, limit):
@@ -553,8 +588,8 @@ def _hours(h:float) -> str:
 def _tree(items:list[str]) -> list[str]:
     return [("└─ " if i == len(items) - 1 else "├─ ") + x for i, x in enumerate(items)]
 
-def dashboard_lines(sm:dict, alerts:list[Alert]) -> list[str]:
-    "The box's content lines for a `summary` and its alerts."
+def dashboard_lines(sm:dict, alerts:list[Alert], plain:bool=False) -> list[str]:
+    "The box's content lines for a `summary` and its alerts (`plain`: one-cell symbols instead of emoji, for HTML)."
     o = sm["overall"]
     acc = "n/a (no feedback yet)" if o["accuracy"] is None else f"{_pct(o['accuracy'])} ({o['feedback_labels']:,} labelled)"
     lat = "n/a" if o["latency_avg_ms"] is None else f"{_ms(o['latency_avg_ms'])} (p95 {_ms(o['latency_p95_ms'])})"
@@ -563,7 +598,8 @@ def dashboard_lines(sm:dict, alerts:list[Alert]) -> list[str]:
     if o["satisfaction"] is not None: items.append(f"Satisfaction: {o['satisfaction']:.2f} ({o['feedback_scores']:,} scores)")
     items.append(f"Cost: {_money(o['cost_usd'])}")
     title = "Production Prompt System Dashboard" + (f" — {sm['task']}" if sm.get("task") else "")
-    warn = [f"{'🔴' if a.severity == 'critical' else '⚠️'} {a.headline}" for a in alerts]
+    crit, warning = ("✖", "⚠") if plain else ("🔴", "⚠️")
+    warn = [f"{crit if a.severity == 'critical' else warning} {a.headline}" for a in alerts]
     return [title, "---", _hours(sm["hours"]), *_tree(items), "Alerts:", *_tree(warn or ["✓ All systems normal"])]
 
 def breakdown_table(sm:dict) -> str:
@@ -580,12 +616,21 @@ def breakdown_table(sm:dict) -> str:
     fmt = lambda r: "  ".join(x.ljust(w[i]) if i < 2 else x.rjust(w[i]) for i, x in enumerate(r))
     return "\n".join([fmt(cols), *(fmt(r) for r in rows)])
 
+def shown_alerts(s:Settings, sm:dict, task:str|None=None) -> list[Alert]:
+    "The dashboard's alerts: the rules raised now, plus alerts other modules raised in the window (latest per key)."
+    out = evaluate_alerts(s, task=task, summary_=sm)
+    seen = {a.key for a in out}
+    for a in fired_alerts(s, hours=sm["hours"], now=sm["until"]):
+        if a.key in seen or a.key.split(":", 1)[0] in RULES: continue
+        seen.add(a.key); out.append(a)
+    return out
+
 def dashboard_text(settings:Settings|str|Path|None=None, hours:float|None=None, task:str|None=None,
                    now:float|None=None, breakdown:bool=True) -> str:
     "The terminal dashboard: the box, then (optionally) the per task/version table."
     s = _settings(settings)
     sm = summary(s, hours=hours, task=task, now=now)
-    alerts = evaluate_alerts(s, task=task, summary_=sm)
+    alerts = shown_alerts(s, sm, task)
     box = _box(dashboard_lines(sm, alerts))
     if not breakdown: return box
     return "\n\n".join([box, breakdown_table(sm), *(["\n".join(str(a) for a in alerts)] if alerts else [])])
@@ -597,11 +642,13 @@ def figures(series:list[dict], title:str="") -> dict:
     from matplotlib.figure import Figure
     import matplotlib.dates as mdates
     t = [datetime.fromtimestamp(b["t"], timezone.utc) for b in series]
-    width = (series[1]["t"] - series[0]["t"]) / 86400 * 0.9 if len(series) > 1 else 0.02
+    step = (series[1]["t"] - series[0]["t"]) if len(series) > 1 else 3600.0
+    width = step / 86400 * 0.9
+    lim = (datetime.fromtimestamp(series[0]["t"], timezone.utc), datetime.fromtimestamp(series[-1]["t"] + step, timezone.utc))
     def fig(name, ylabel):
         f = Figure(figsize=(9, 2.8), dpi=90); ax = f.add_subplot()
         ax.set_title(f"{title} {name}".strip(), fontsize=10, loc="left"); ax.set_ylabel(ylabel); ax.grid(alpha=0.3)
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M")); f.autofmt_xdate()
+        ax.set_xlim(*lim); ax.xaxis.set_major_formatter(mdates.DateFormatter("%m-%d %H:%M")); f.autofmt_xdate()
         return f, ax
     out = {}
     f, ax = fig("requests", "calls / bucket")
@@ -641,21 +688,25 @@ def dashboard_html(path:str|Path, # Where to write the page
     "Write a self-contained HTML dashboard (numbers, alerts, plots as embedded PNGs); returns its path."
     s = _settings(settings)
     sm = summary(s, hours=hours, task=task, now=now)
-    alerts = evaluate_alerts(s, task=task, summary_=sm)
+    alerts = shown_alerts(s, sm, task)
+    fired = fired_alerts(s, hours=sm["hours"], now=sm["until"])
     series = timeseries(s, hours=sm["hours"], task=task, bucket_minutes=bucket_minutes, now=sm["until"])
     e = html.escape
     from datetime import datetime, timezone
     stamp = lambda t: datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     al = "".join(f'<li class="{"crit" if a.severity == "critical" else "warn"}">{e(str(a))}</li>' for a in alerts) \
         or '<li class="ok">✓ All systems normal</li>'
+    log_ = "".join(f"<tr><td>{stamp(a.ts)}</td><td>{e(a.severity)}</td><td>{e(a.key)}</td><td style='text-align:left'>"
+                   f"{e(a.message)}</td></tr>" for a in fired) or "<tr><td colspan=4>none</td></tr>"
     imgs = "".join(f'<h2>{e(k.replace("_", " "))}</h2><img alt="{e(k)}" src="data:image/png;base64,{_png64(f)}">'
                    for k, f in figures(series).items())
     table = breakdown_table(sm)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>promptsys dashboard</title><style>{_CSS}</style></head><body>
 <h1>Production Prompt System Dashboard{e(' — ' + task) if task else ''}</h1>
 <p>{e(_hours(sm['hours']).rstrip(':'))}: {stamp(sm['since'])} → {stamp(sm['until'])} · database {e(sm['db'])}</p>
-<pre>{e(_box(dashboard_lines(sm, alerts)))}</pre>
+<pre>{e(_box(dashboard_lines(sm, alerts, plain=True)))}</pre>
 <h2>Alerts</h2><ul>{al}</ul>
+<h2>Alerts delivered in the window</h2><table><tr><th>when</th><th>severity</th><th>key</th><th>message</th></tr>{log_}</table>
 <h2>Per task and version</h2><pre>{e(table)}</pre>
 {imgs}
 </body></html>"""
@@ -717,6 +768,74 @@ def serve_metrics(port:int, settings:Settings|str|Path|None=None, addr:str="127.
     return start_http_server(port, addr=addr, registry=_registry(settings, hours))
 
 # %% ../nbs/14_monitor.ipynb #c053
+_all_tracers: "weakref.WeakSet[TraceSink]" = weakref.WeakSet()
+
+class TraceSink:
+    "Per-call records → MLflow traces (one LLM span each), logged by a background thread."
+    def __init__(self, settings:Settings|str|Path|None=None, flush_seconds:float|None=None):
+        self.settings = _settings(settings)
+        self.flush_seconds = float(flush_seconds or self.settings.monitor.flush_seconds)
+        self.traced = self.failed = 0
+        self._q, self._wake, self._lock, self._start_lock = deque(), threading.Event(), threading.Lock(), threading.Lock()
+        self._thread, self._experiments = None, {}
+        _all_tracers.add(self)
+    def __call__(self, rec_or_batch):
+        "Queue one record (as a pipeline sink) or a list of records (as a store listener)."
+        if isinstance(rec_or_batch, dict): self._q.append(rec_or_batch)
+        else: self._q.extend(rec_or_batch)
+        if self._thread is None: self._start()
+    def _start(self):
+        with self._start_lock:
+            if self._thread is not None or _exiting: return
+            t = threading.Thread(target=self._run, name="promptsys-traces", daemon=True)
+            t.start(); self._thread = t
+    def _run(self):
+        while True:
+            self._wake.wait(self.flush_seconds); self._wake.clear()
+            self.flush()
+
+def _trace_one(self:TraceSink, rec:dict):
+    import mlflow
+    from promptsys.eval import mlflow_client, ensure_experiment, experiment_name, tracking_uri
+    task = rec.get("task") or "unknown"
+    if task not in self._experiments:
+        self._experiments[task] = ensure_experiment(mlflow_client(self.settings), experiment_name(task, self.settings),
+                                                    tracking_uri(self.settings))
+    end = int(float(rec.get("ts") or time.time()) * 1e9)
+    start = end - int(float(rec.get("latency_ms") or 0.0) * 1e6)
+    attrs = {f"promptsys.{k}": v for k, v in rec.items() if v is not None}
+    span = mlflow.start_span_no_context(f"{task}.v{rec.get('version')}", span_type="LLM", attributes=attrs,
+                                        inputs={"request_id": rec.get("request_id"), "input_chars": rec.get("input_chars")},
+                                        experiment_id=self._experiments[task], start_time_ns=start)
+    span.end(outputs={"label": rec.get("label"), "fallback": rec.get("fallback"), "error_type": rec.get("error_type")},
+             status="OK" if rec.get("success") else "ERROR", end_time_ns=end)
+
+def _trace_flush(self:TraceSink) -> int:
+    "Log every queued record as a trace now; returns how many were logged."
+    n = 0
+    with self._lock:
+        while self._q:
+            rec = self._q.popleft()
+            try: self._trace_one(rec); n += 1
+            except Exception as e:
+                self.failed += 1
+                if self.failed == 1 or self.failed % 1000 == 0:
+                    log.warning("MLflow trace failed (%d so far): %s", self.failed, redact(str(e)))
+        if n:
+            import mlflow
+            if hasattr(mlflow, "flush_trace_async_logging"): mlflow.flush_trace_async_logging()   # exported, not just queued
+    self.traced += n
+    return n
+TraceSink._trace_one, TraceSink.flush = _trace_one, _trace_flush
+
+def _flush_tracers():
+    for tr in list(_all_tracers):
+        try: tr.flush()
+        except Exception as e: log.warning("final trace flush failed: %s", redact(str(e)))
+
+_exit_hooks.append(_flush_tracers)   # at exit, after the stores' last batches reached their listeners
+
+# %% ../nbs/14_monitor.ipynb #c055
 def _cli_settings(a):
     from promptsys.cli import _settings as cli_settings
     return cli_settings(a)

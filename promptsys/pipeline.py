@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_pipeline.ipynb #c003
 from __future__ import annotations
-import asyncio, json, logging, os, time, threading
+import asyncio, hashlib, json, logging, os, time, threading
 from dataclasses import dataclass, field, asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -121,6 +121,14 @@ class Pipeline:
         self._log = s.promptsys.records == "log"
         self._var = self.task.input.variable
         self._cascade = bool(s.model.cascade)
+        p = self.provider
+        # Everything but the rendered prompt is fixed per pipeline: hash it into the key's prefix once.
+        self._key_prefix = cache_key(self.prompt.hash, p.name, p.model, getattr(p, "decoding", ""), self.max_tokens,
+                                     self.temperature, self.seed)
+
+    def _key(self, prompt:str) -> str:
+        "The cache key of a rendered prompt: SHA-256 of the fixed prefix and the prompt text."
+        return hashlib.sha256(f"{self._key_prefix}\x1e{prompt}".encode()).hexdigest()
 
     @property
     def provider(self) -> Provider: return self.groups[0].targets[0].provider
@@ -132,21 +140,26 @@ class Pipeline:
             return resolve_alias(self.task, version.lower(), self.settings)
         return self.task.version(version)
 
-    def _build_groups(self, provider) -> list[Group]:
-        "The ordered chain of model groups: primary (or cascade), then fallbacks; each group load-balanced."
+    def _group(self, spec:str|None=None, provider:Provider|None=None) -> Group:
+        "A load-balanced group for `provider[:model]` (several targets when [openai] endpoints lists more)."
         s = self.settings
-        def group(p:Provider) -> Group:
-            return Group([Target(p, breaker_for(p.endpoint, s), RateLimiter.for_endpoint(p.endpoint, s))], s.openai.balance)
-        def from_spec(spec:str) -> Group:
+        if provider is not None: providers = [provider]
+        else:
             name, model = _spec(spec)
             urls = (s.openai.base_url, *s.openai.endpoints) if name == "openai" and s.openai.endpoints else (None,)
-            targets = [make_provider(s, name, model, base_url=u) for u in urls]
-            return Group([Target(p, breaker_for(p.endpoint, s), RateLimiter.for_endpoint(p.endpoint, s)) for p in targets],
-                         s.openai.balance)
-        if provider is not None: chain = [group(provider)]
-        elif s.model.cascade: chain = [from_spec(c) for c in s.model.cascade]
-        else: chain = [from_spec(s.model.provider + (f":{s.model.name}" if s.model.name else ""))]
-        return chain + [from_spec(f) for f in s.model.fallbacks]
+            providers = [make_provider(s, name, model, base_url=u) for u in urls]
+        return Group([Target(p, breaker_for(p.endpoint, s), RateLimiter.for_endpoint(p.endpoint, s)) for p in providers],
+                     s.openai.balance)
+
+    def _build_groups(self, provider) -> list[Group]:
+        "The ordered chain of model groups: primary (or the cascade), then the fallbacks."
+        s = self.settings
+        if provider is not None: chain = [self._group(provider=provider)]
+        elif s.model.cascade: chain = [self._group(c) for c in s.model.cascade]
+        else: chain = [self._group(s.model.provider + (f":{s.model.name}" if s.model.name else ""))]
+        b = s.budget
+        self._downgrade = self._group(b.downgrade_to) if b.on_exceed == "downgrade" and b.downgrade_to else None
+        return chain + [self._group(f) for f in s.model.fallbacks]
 
     def __repr__(self):
         chain = " → ".join(f"{g.targets[0].provider.name}:{g.targets[0].provider.model}" for g in self.groups)
@@ -166,6 +179,7 @@ class _Call:
     tokens_in: int = 0
     tokens_out: int = 0
     fallback_reason: str = ""
+    downgraded: bool = False
 
 def _rid() -> str: return os.urandom(8).hex()
 
@@ -179,12 +193,7 @@ def _prepare(self:Pipeline, value, variables:dict, request_id, use_cache:bool) -
     except PromptsysError as e:
         self._emit(self._failure(call, e))
         raise
-    call.req = Request([{"role": "user", "content": call.prompt}], "", self.max_tokens, self.temperature,
-                       self.seed, self.task.output)
-    if self.cache is not None:
-        p = self.provider
-        call.key = cache_key(self.prompt.hash, p.name, p.model, getattr(p, "decoding", ""), self.max_tokens,
-                             self.temperature, self.seed, call.prompt)
+    if self.cache is not None: call.key = self._key(call.prompt)
     return call
 Pipeline._prepare = _prepare
 
@@ -251,12 +260,28 @@ def _emit(self:Pipeline, r:Result):
 Pipeline._emit = _emit
 
 # %% ../nbs/11_pipeline.ipynb #c016
-def _plan(self:Pipeline, call:_Call, group:Group):
-    "Budget reservation for a call to `group` (may raise BudgetExceeded or return a downgraded group)."
+def _request(self:Pipeline, call:_Call) -> Request:
+    "The model request (built only on a cache miss)."
+    call.req = Request([{"role": "user", "content": call.prompt}], "", self.max_tokens, self.temperature,
+                       self.seed, self.task.output)
+    return call.req
+Pipeline._request = _request
+
+def _estimate(self:Pipeline, call:_Call, group:Group) -> float:
+    "Upper-bound cost of calling `group`: estimated prompt tokens plus the full `max_tokens` answer."
     p = group.targets[0].provider
-    est_in = p.estimate_request_tokens(call.req)
-    est = self.prices.cost(p.model, p.name, est_in, call.req.max_tokens)
-    return self.budget.reserve(est, p.model)
+    return self.prices.cost(p.model, p.name, p.estimate_request_tokens(call.req), call.req.max_tokens)
+
+def _plan(self:Pipeline, call:_Call, group:Group):
+    "Reserve the budget for a call to `group`; on `on_exceed = downgrade`, switch to the cheaper group."
+    if not self.budget.active: return group, None
+    try: return group, self.budget.reserve(_estimate(self, call, group), group.targets[0].provider.model)
+    except BudgetExceeded as e:
+        dg = self._downgrade
+        if dg is None or group is dg: raise
+        p = dg.targets[0].provider
+        call.downgraded, call.fallback_reason = True, f"budget: {e.message}; downgraded to {p.name}:{p.model}"[:300]
+        return dg, self.budget.reserve(_estimate(self, call, dg), p.model)
 
 def _settle(self:Pipeline, call:_Call, c:Completion, reservation):
     cost = self.prices.cost(c.model or "", c.provider, c.tokens_in, c.tokens_out)
@@ -266,58 +291,61 @@ def _settle(self:Pipeline, call:_Call, c:Completion, reservation):
 def _next_reason(call:_Call, group:Group, e:PromptsysError):
     call.fallback_reason = f"{group.targets[0].provider.name}:{group.targets[0].provider.model} failed: {type(e).__name__}: {e.message}"[:300]
 
+# %% ../nbs/11_pipeline.ipynb #c018
+def _walk(self:Pipeline, call:_Call):
+    last: PromptsysError|None = None
+    for i, group in enumerate(self.groups):
+        try: group, resv = _plan(self, call, group)
+        except BudgetExceeded as e: last = e; break
+        outcome = yield group
+        if isinstance(outcome, ProviderError):
+            call.retries += getattr(outcome, "attempts", 1) - 1
+            self.budget.release(resv)
+            last = outcome; _next_reason(call, group, outcome); continue
+        c, tries = outcome
+        call.retries += tries
+        _settle(self, call, c, resv)
+        try: return self._success(call, c, self._parse(c), fallback=i > 0 or call.downgraded)
+        except OutputValidationError as e:
+            last = e; _next_reason(call, group, e)
+            if not self._cascade: break
+    return self._give_up(call, last)
+Pipeline._walk = _walk
+
 def run(self:Pipeline, value, # The input text (or a dict of template variables)
-        *, cache:bool=True, # False bypasses the cache for this call (the answer is still stored)
+        *, cache:bool=True, # False skips the cache lookup for this call (the fresh answer is still stored)
         request_id:str|None=None, # Correlation id (default: a random one)
         **variables) -> Result:
     "Run the pipeline on one input."
     call = self._prepare(value, variables, request_id, cache)
     if cache and (r := self._from_cache(call)): return r
-    last: PromptsysError|None = None
-    for i, group in enumerate(self.groups):
-        resv = None
-        try:
-            resv = _plan(self, call, group)
-            c, tries = self.retry.call(group, call.req)
-            call.retries += tries
-        except BudgetExceeded as e: last = e; break
-        except ProviderError as e:
-            call.retries += getattr(e, "attempts", 1) - 1
-            if resv is not None: self.budget.release(resv)
-            last = e; _next_reason(call, group, e); continue
-        _settle(self, call, c, resv)
-        try: return self._success(call, c, self._parse(c), fallback=i > 0)
-        except OutputValidationError as e:
-            last = e; _next_reason(call, group, e)
-            if not self._cascade: break
-    return self._give_up(call, last)
+    self._request(call)
+    walk = self._walk(call)
+    try:
+        group = next(walk)
+        while True:
+            try: outcome = self.retry.call(group, call.req)
+            except ProviderError as e: outcome = e
+            group = walk.send(outcome)
+    except StopIteration as done: return done.value
 Pipeline.run = run
 
 async def arun(self:Pipeline, value, *, cache:bool=True, request_id:str|None=None, **variables) -> Result:
     "Run the pipeline on one input, asynchronously."
     call = self._prepare(value, variables, request_id, cache)
     if cache and (r := self._from_cache(call)): return r
-    last: PromptsysError|None = None
-    for i, group in enumerate(self.groups):
-        resv = None
-        try:
-            resv = _plan(self, call, group)
-            c, tries = await self.retry.acall(group, call.req)
-            call.retries += tries
-        except BudgetExceeded as e: last = e; break
-        except ProviderError as e:
-            call.retries += getattr(e, "attempts", 1) - 1
-            if resv is not None: self.budget.release(resv)
-            last = e; _next_reason(call, group, e); continue
-        _settle(self, call, c, resv)
-        try: return self._success(call, c, self._parse(c), fallback=i > 0)
-        except OutputValidationError as e:
-            last = e; _next_reason(call, group, e)
-            if not self._cascade: break
-    return self._give_up(call, last)
+    self._request(call)
+    walk = self._walk(call)
+    try:
+        group = next(walk)
+        while True:
+            try: outcome = await self.retry.acall(group, call.req)
+            except ProviderError as e: outcome = e
+            group = walk.send(outcome)
+    except StopIteration as done: return done.value
 Pipeline.arun = arun
 
-# %% ../nbs/11_pipeline.ipynb #c018
+# %% ../nbs/11_pipeline.ipynb #c020
 def _safe(self:Pipeline, call, *a, **kw):
     try: return call(*a, **kw)
     except PromptsysError as e:
@@ -329,7 +357,7 @@ def run_batch(self:Pipeline, inputs:list, # Input texts (or dicts of variables)
               cache:bool=True) -> list[Result]:
     "Run many inputs concurrently; results in input order, failures as error results."
     from concurrent.futures import ThreadPoolExecutor
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     out = [None] * len(inputs)
     with ThreadPoolExecutor(max(1, concurrency)) as ex, tqdm(total=len(inputs), disable=not progress,
                                                              desc=f"{self.task.name} {self.prompt.name}") as bar:
@@ -342,7 +370,7 @@ Pipeline.run_batch = run_batch
 
 async def arun_batch(self:Pipeline, inputs:list, concurrency:int=32, progress:bool=True, cache:bool=True) -> list[Result]:
     "Async `run_batch`: at most `concurrency` calls in flight."
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
     sem = asyncio.Semaphore(max(1, concurrency))
     bar = tqdm(total=len(inputs), disable=not progress, desc=f"{self.task.name} {self.prompt.name}")
     async def one(x):

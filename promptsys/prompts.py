@@ -6,6 +6,7 @@
 from __future__ import annotations
 import hashlib, re, tomllib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from .errors import PromptNotFound, TemplateError, ConfigError
 
@@ -31,24 +32,30 @@ class PromptVersion:
     template: str
     path: Path|None = None
     note: str = ""
-    @property
+    @cached_property
     def hash(self) -> str: return content_hash(self.template)
-    @property
+    @cached_property
     def variables(self) -> tuple[str, ...]:
         "The variables the template names, in order of first use."
         return tuple(dict.fromkeys(VAR.findall(self.template)))
+    @cached_property
+    def _parts(self) -> list[str]:
+        "The template split into literal text (even indexes) and variable names (odd indexes)."
+        return VAR.split(self.template)
     @property
     def name(self) -> str: return f"v{self.number}" + (f"_{self.slug}" if self.slug else "")
     def render(self, **values) -> str:
         "The template with every `{{variable}}` replaced; missing or unknown variables are a `TemplateError`."
         names = self.variables
-        missing = [v for v in names if v not in values]
-        if missing: raise TemplateError(f"{self.task} {self.name}: missing variable(s) {', '.join(missing)}",
-                                        f"Pass {', '.join(missing)}; the template uses {', '.join(names)}.")
-        unknown = [v for v in values if v not in names]
-        if unknown: raise TemplateError(f"{self.task} {self.name}: unknown variable(s) {', '.join(unknown)}",
-                                        f"The template only uses {', '.join(names) or 'no variables'}.")
-        return VAR.sub(lambda m: str(values[m.group(1)]), self.template)
+        if len(values) != len(names) or any(v not in values for v in names):
+            missing = [v for v in names if v not in values]
+            if missing: raise TemplateError(f"{self.task} {self.name}: missing variable(s) {', '.join(missing)}",
+                                            f"Pass {', '.join(missing)}; the template uses {', '.join(names)}.")
+            unknown = [v for v in values if v not in names]
+            raise TemplateError(f"{self.task} {self.name}: unknown variable(s) {', '.join(unknown)}",
+                                f"The template only uses {', '.join(names) or 'no variables'}.")
+        parts = self._parts
+        return "".join(p if i % 2 == 0 else str(values[p]) for i, p in enumerate(parts))
     def __repr__(self): return f"PromptVersion({self.task} {self.name}, hash={self.hash})"
 
 # %% ../nbs/02_prompts.ipynb #c010

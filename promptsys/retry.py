@@ -22,7 +22,9 @@ class RetryPolicy:
     def __init__(self, max_attempts:int=4, initial_wait:float=0.25, max_wait:float=8.0, jitter:float=0.25,
                  deadline:float=120.0):
         self.max_attempts, self.deadline = max(1, max_attempts), deadline
-        self._expo = wait_exponential_jitter(initial=initial_wait, max=max_wait, jitter=jitter)
+        try: self._expo = wait_exponential_jitter(multiplier=initial_wait, max=max_wait, jitter=jitter)
+        except TypeError:   # tenacity < 9.1 names it `initial`
+            self._expo = wait_exponential_jitter(initial=initial_wait, max=max_wait, jitter=jitter)
     @classmethod
     def from_settings(cls, s):
         r = s.retry

@@ -1,0 +1,161 @@
+"""Budgets end to end: processes sharing one budget, per-task budgets, the alert hook, warn and downgrade.
+
+The model is an OpenAI-compatible fake server (tests/fakeserver.py) priced through a [prices] override at
+$1 per 1K tokens, so a call costs a few cents and a budget of a dollar or two lasts a few dozen calls.
+The fake server reports usage as ~4 characters a token, like promptsys's pre-call estimate, so the
+estimate (prompt + max_tokens) is an upper bound of the real cost.
+"""
+from __future__ import annotations
+import json, logging, shutil, subprocess, sys, time
+from pathlib import Path
+import pytest
+
+from conftest import ROOT, make_settings, stats
+from promptsys.errors import BudgetExceeded
+from promptsys.pipeline import Pipeline
+from promptsys.cost import Budget
+from promptsys.prompts import load_task
+
+PRICED = {"model.provider": "openai", "openai.model": "fake-model", "openai.api_key_env": "",
+          "prices.fake-model": "1.0, 1.0", "cache.enabled": False, "promptsys.records": "none",
+          "retry.initial_wait": 0.001, "retry.max_wait": 0.01, "retry.jitter": 0.001}
+TEXTS = ["I love this kettle", "terrible, it broke", "arrived on a Tuesday", "great value, excellent",
+         "the lid is a bit stiff", "worst purchase ever"]
+
+def v1(url): return url + "/v1"
+
+def task_with_budget(tmp_path, **budget) -> Path:
+    "A copy of the sentiment task whose task.toml has a [budget] table; returns its prompts_dir."
+    d = tmp_path / "prompts"
+    shutil.copytree(ROOT / "prompts" / "sentiment", d / "sentiment")
+    with open(d / "sentiment" / "task.toml", "a") as f:
+        f.write("\n[budget]\n" + "".join(f"{k} = {v}\n" for k, v in budget.items()))
+    return d
+
+
+_WORKER = r"""
+import json, sys, time
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+from conftest import make_settings
+from promptsys.pipeline import Pipeline
+from promptsys.errors import BudgetExceeded
+cfg = json.loads(sys.argv[2])
+s = make_settings(cfg["tmp"], **cfg["overrides"])
+recs = []
+p = Pipeline("sentiment", 1, settings=s, sinks=[recs.append])
+go = cfg["go"]
+while time.time() < go: time.sleep(0.002)        # start together: maximum contention on the budget
+i, scope = cfg["worker"], None
+while True:
+    try: p.run(cfg["texts"][i % len(cfg["texts"])] + f" ({i})")
+    except BudgetExceeded as e:
+        scope = e.details.get("scope"); break
+    i += 4
+print(json.dumps({"costs": [r["cost_usd"] for r in recs if r["success"]], "scope": scope,
+                  "failed": [r["error_type"] for r in recs if not r["success"]]}))
+"""
+
+def test_four_processes_share_one_budget(tmp_path, fake_server):
+    _, url = fake_server()
+    limit = 1.5
+    overrides = {**PRICED, "openai.base_url": v1(url), "budget.total_usd": limit, "promptsys.mode": "strict"}
+    go = time.time() + 1.5
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(ROOT),
+                               json.dumps({"tmp": str(tmp_path), "overrides": overrides, "go": go, "worker": w,
+                                           "texts": TEXTS})],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(4)]
+    outs = []
+    for pr in procs:
+        out, err = pr.communicate(timeout=120)
+        assert pr.returncode == 0, err
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    costs = [c for o in outs for c in o["costs"]]
+    assert all(o["scope"] == "global:total" and o["failed"] == ["BudgetExceeded"] for o in outs)
+    assert all(o["costs"] for o in outs), "every process got some of the budget"
+    total, biggest = sum(costs), max(costs)
+    s = make_settings(tmp_path, **overrides)
+    b = Budget.from_settings(s, load_task("sentiment", s.promptsys.prompts_dir))
+    assert b.spent()["global:total"] == pytest.approx(total, abs=1e-6 * len(costs))   # the counters agree with the records
+    assert b.held()["global:total"] == 0.0                                          # no reservation leaked
+    assert total <= limit + biggest                       # the requirement: over by less than one call
+    assert total <= limit + 1e-6                          # and here (estimate >= real cost) not over at all
+    assert total >= limit - 2 * biggest                   # the budget was used up, not refused early
+    assert stats(url)["ok"] == len(costs)
+
+
+def test_task_budget_alert_fires_once_then_stop(tmp_path, fake_server, caplog):
+    _, url = fake_server()
+    prompts = task_with_budget(tmp_path, total_usd=0.4)
+    s = make_settings(tmp_path, **{**PRICED, "openai.base_url": v1(url), "promptsys.prompts_dir": str(prompts),
+                                   "budget.alert_at": 0.8})
+    p = Pipeline("sentiment", 1, settings=s)
+    assert set(p.budget.limits) == {"task:sentiment:total"}
+    alerts = []
+    p.budget.on_alert.append(lambda scope, spent, lim: alerts.append((scope, spent, lim)))
+    caplog.set_level(logging.WARNING, logger="promptsys.cost")
+    results = []
+    with pytest.raises(BudgetExceeded) as ei:
+        for i in range(100): results.append(p.run(TEXTS[i % 6]))
+    assert ei.value.details["scope"] == "task:sentiment:total" and "task:sentiment:total" in str(ei.value)
+    assert ei.value.hint                                   # tells the user what to do
+    spent = sum(r.cost_usd for r in results)
+    assert 0.4 - 0.06 < spent <= 0.4
+    assert len(alerts) == 1
+    scope, at, lim = alerts[0]
+    assert scope == "task:sentiment:total" and lim == 0.4 and 0.8 * lim <= at < 0.8 * lim + 0.06
+    assert sum("at 8" in r.getMessage() or "at 9" in r.getMessage() for r in caplog.records) == 1
+    # another pipeline (another worker) on the same state: refused too, and no second alert
+    p2 = Pipeline("sentiment", 1, settings=s)
+    p2.budget.on_alert.append(lambda *a: alerts.append(a))
+    with pytest.raises(BudgetExceeded): p2.run("great")
+    assert len(alerts) == 1
+
+
+def test_daily_budget_and_service_mode(tmp_path, fake_server):
+    _, url = fake_server()
+    s = make_settings(tmp_path, **{**PRICED, "openai.base_url": v1(url), "budget.daily_usd": 0.2})
+    p = Pipeline("sentiment", 1, settings=s, mode="service")
+    results = [p.run(TEXTS[i % 6]) for i in range(12)]
+    paid = [r for r in results if not r.fallback]
+    refused = [r for r in results if r.fallback]
+    assert paid and refused and results.index(refused[0]) == len(paid)     # refused from the first refusal on
+    assert all(r.ok and r.cost_usd > 0 for r in paid)
+    # in service mode a refused call is answered with the task's fallback, saying why
+    assert all(r.output == {"label": "neutral"} and r.cost_usd == 0 for r in refused)
+    assert all(r.fallback_reason.startswith("BudgetExceeded: budget global:day") for r in refused)
+    assert sum(r.cost_usd for r in paid) <= 0.2
+    assert stats(url)["total"] == len(paid)                                # refused calls never reach the server
+
+
+def test_warn_lets_calls_through(tmp_path, fake_server, caplog):
+    _, url = fake_server()
+    s = make_settings(tmp_path, **{**PRICED, "openai.base_url": v1(url), "budget.total_usd": 0.05,
+                                   "budget.on_exceed": "warn"})
+    p = Pipeline("sentiment", 1, settings=s)
+    caplog.set_level(logging.WARNING, logger="promptsys.cost")
+    results = [p.run(TEXTS[i % 6]) for i in range(5)]
+    assert all(r.ok for r in results)
+    spent = p.budget.spent()["global:total"]
+    assert spent == pytest.approx(sum(r.cost_usd for r in results), abs=1e-5) and spent > 0.05
+    assert any("on_exceed=warn" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.xfail(raises=BudgetExceeded, strict=False,
+                   reason="[budget] on_exceed=downgrade is not wired in pipeline._plan yet (patch in the issue note)")
+def test_downgrade_to_cheaper_model(tmp_path, fake_server, monkeypatch):
+    _, url = fake_server()
+    _, cheap = fake_server()
+    monkeypatch.setenv("PROMPTSYS_TEST_ANTHROPIC_KEY", "test-anthropic-key")
+    s = make_settings(tmp_path, **{**PRICED, "openai.base_url": v1(url), "budget.total_usd": 0.2,
+                                   "budget.on_exceed": "downgrade", "budget.downgrade_to": "anthropic:cheap-model",
+                                   "anthropic.base_url": cheap, "anthropic.api_key_env": "PROMPTSYS_TEST_ANTHROPIC_KEY",
+                                   "prices.cheap-model": "0, 0"})
+    p = Pipeline("sentiment", 1, settings=s)
+    results = [p.run(TEXTS[i % 6]) for i in range(12)]
+    assert all(r.ok for r in results)
+    first = [r for r in results if r.provider == "openai"]
+    down = [r for r in results if r.provider == "anthropic"]
+    assert first and down and results.index(down[0]) == len(first)
+    assert all(r.model == "cheap-model" and r.fallback and "downgrade" in r.fallback_reason for r in down)
+    assert sum(r.cost_usd for r in results) <= 0.2
+    assert stats(cheap)["ok"] == len(down)

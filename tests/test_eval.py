@@ -1,0 +1,223 @@
+"""Issue 3 (eval): datasets, scorers and eval runs end to end — a real sqlite MLflow store in a temp dir, the fake
+OpenAI-compatible server as the model (keyword answers: deterministic and instant), a real diskcache, and a real
+papermill execution of experiments/eval_prompts.ipynb."""
+import json, os, shutil, socket, subprocess, sys, time
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+from promptsys.config import load_settings
+from promptsys.errors import DatasetError, TrackingError
+from promptsys.prompts import load_task
+from promptsys import eval as pe
+from tests.fakeserver import start_server, stop_server, stats, keyword_label
+
+N = 12
+
+
+def _overrides(tmp: Path, url: str) -> dict:
+    return {"promptsys.prompts_dir": str(tmp / "prompts"), "promptsys.state_dir": str(tmp / "state"),
+            "promptsys.records": "none", "cache.dir": str(tmp / "cache"),
+            "mlflow.tracking_uri": f"sqlite:///{tmp}/mlflow.db", "mlflow.experiment_prefix": "t",
+            "model.provider": "openai", "openai.base_url": url + "/v1", "openai.api_key_env": "",
+            "openai.model": "gpt-4o-mini", "breaker.shared": "false", "retry.max_attempts": "2",
+            "retry.initial_wait": "0.01", "monitor.enabled": "false", "eval.runs_dir": str(tmp / "runs")}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    "A copy of prompts/sentiment with its first 12 rows, a fake model server and a fresh MLflow store."
+    tmp = tmp_path_factory.mktemp("eval")
+    d = tmp / "prompts" / "sentiment"
+    shutil.copytree(ROOT / "prompts" / "sentiment", d, ignore=shutil.ignore_patterns("README.md", "aliases.json", "audit.jsonl"))
+    rows = (ROOT / "prompts/sentiment/data/sentiment.jsonl").read_text().splitlines()[:N]
+    (d / "data" / "sentiment.jsonl").write_text("\n".join(rows) + "\n")
+    proc, url = start_server("--delay-ms", "0")
+    ov = _overrides(tmp, url)
+    s = load_settings(ROOT / "settings.ini", overrides=ov, env={})
+    try: yield dict(tmp=tmp, url=url, s=s, ov=ov, task=load_task("sentiment", d.parent))
+    finally: stop_server(proc)
+
+
+def calls(url) -> int: return stats(url)["total"]
+
+
+# -- datasets ---------------------------------------------------------------------------------------------------------
+
+def test_bad_rows_are_typed_errors_or_counted(env, tmp_path):
+    t = env["task"]
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"id": "a", "text": "Love it", "label": "positive"}\n'
+                 '{"id": "b", "text": "", "label": "negative"}\n'
+                 '[1, 2]\n'
+                 '{"id": "a", "text": "dup", "label": "neutral"}\n'
+                 '{"id": "c", "text": "ok", "label": "meh"}\n'
+                 '{"id": "d", "text": "ok"\n')
+    with pytest.raises(DatasetError) as e:
+        pe.load_dataset(f, t)
+    assert "d.jsonl:2: missing or empty input field 'text'" in str(e.value) and e.value.details["line"] == 2
+    ds = pe.load_dataset(f, t, bad_rows="skip")
+    assert len(ds) == 1 and [l for l, _ in ds.skipped] == [2, 3, 4, 5, 6]
+    assert "duplicate id" in ds.skipped[2][1] and "not one of" in ds.skipped[3][1] and "not valid JSON" in ds.skipped[4][1]
+    c = tmp_path / "d.csv"
+    c.write_text("id,text,label\n1,Great stuff,positive\n2,Broke fast,negative,extra\n")
+    with pytest.raises(DatasetError, match=r"d.csv:3: 1 more field"):
+        pe.load_dataset(c, t)
+    assert len(pe.load_dataset(c, t, bad_rows="skip")) == 1
+
+
+def test_skipped_rows_are_counted_in_the_run(env, tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    f.write_text('{"text": "Great, love it", "label": "positive"}\nnot json\n{"text": "It broke", "label": "negative"}\n')
+    s = load_settings(ROOT / "settings.ini", overrides={**env["ov"], "eval.bad_rows": "skip"}, env={})
+    df = pe.evaluate(env["task"], [1], f, settings=s, progress=False)
+    run = pe.mlflow_client(s).get_run(df.run_id.iloc[0])
+    assert run.data.metrics["n_skipped"] == 1 and run.data.metrics["n_examples"] == 2 and df.accuracy.iloc[0] == 1.0
+
+
+# -- eval runs --------------------------------------------------------------------------------------------------------
+
+def test_eval_logs_one_run_per_version_with_params_metrics_artifacts(env):
+    s, url, t = env["s"], env["url"], env["task"]
+    before = calls(url)
+    df = pe.evaluate("sentiment", settings=s, progress=False, scorers={"short_answers": lambda d: (d.tokens_out <= 2).mean()})
+    assert calls(url) - before == N * len(t.versions)
+    assert list(df.index) == sorted(t.versions) and df.n_examples.eq(N).all() and df.error_rate.eq(0).all()
+    client = pe.mlflow_client(s)
+    exp = client.get_experiment_by_name("t-sentiment")
+    ds = pe.load_dataset(t.dataset, t)
+    runs = {int(r.data.params["version"]): r for r in client.search_runs(
+        [exp.experiment_id], f"tags.`promptsys.kind` = 'eval' and params.dataset_hash = '{ds.hash}'")}
+    assert set(runs) == set(t.versions)
+    for n, r in runs.items():
+        p, m = r.data.params, r.data.metrics
+        assert r.info.status == "FINISHED"
+        assert (p["task"], p["prompt_hash"], p["provider"], p["model"], p["dataset_hash"], p["dataset_rows"]) == \
+               ("sentiment", t.versions[n].hash, "openai", "gpt-4o-mini", ds.hash, str(N))
+        assert p["prompt_uri"].startswith("prompts:/t-sentiment/")
+        for k in ("accuracy", "f1_macro", "precision_positive", "recall_negative", "format_validity", "latency_p50_ms",
+                  "latency_p95_ms", "tokens_per_call", "cost_per_call_usd", "cost_total_usd", "error_rate",
+                  "fallback_rate", "retry_rate", "short_answers"):
+            assert k in m, k
+        assert m["accuracy"] == pytest.approx(df.loc[n, "accuracy"]) and m["cost_per_call_usd"] > 0
+        arts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"examples.json", "confusion_matrix.png", "versions_comparison.png", "labels.json", "dataset"} <= arts
+        assert [a.path for a in client.list_artifacts(r.info.run_id, "dataset")] == ["dataset/sentiment.jsonl"]
+        ex = pe.run_examples(client, r.info.run_id)
+        assert [e["id"] for e in ex] == [e.id for e in ds.examples]
+        # the fake model answers by keywords: the examples table holds exactly its answers
+        assert all(e["predicted"] == keyword_label(t.versions[n].render(text=e["input"])) for e in ex)
+        assert json.loads(r.data.tags["mlflow.linkedPrompts"])[0]["name"] == "t-sentiment"
+    # the registry holds each version once, tagged with its number and hash
+    reg = pe._registry_versions(client, "t-sentiment")
+    assert sorted((int(v.tags["version"]), v.tags["hash"]) for v in reg) == sorted((n, v.hash) for n, v in t.versions.items())
+
+
+def test_rerun_is_served_from_cache_and_registry_is_idempotent(env):
+    s, url = env["s"], env["url"]
+    pe.evaluate("sentiment", [1, 2], settings=s, progress=False)   # make sure the cache is warm
+    client = pe.mlflow_client(s)
+    nreg = len(pe._registry_versions(client, "t-sentiment"))
+    before = calls(url)
+    df = pe.evaluate("sentiment", [1, 2], settings=s, progress=False)
+    assert calls(url) == before and df.cache_hit_rate.eq(1.0).all()
+    assert len(pe._registry_versions(client, "t-sentiment")) == nreg
+
+
+def test_repeats_bypass_the_cache_and_measure_consistency(env):
+    s, url = env["s"], env["url"]
+    pe.evaluate("sentiment", [1], settings=s, progress=False)
+    before = calls(url)
+    df = pe.evaluate("sentiment", [1], settings=s, repeats=3, progress=False)
+    assert calls(url) - before == 2 * N      # first answers from the cache, the 2 repeats fresh
+    assert df.consistency.iloc[0] == 1.0     # the keyword model is deterministic
+
+
+class _Dies:
+    "Wraps a provider: raises `exc` on every call after the first `after`."
+    def __init__(self, inner, after, exc): self.inner, self.after, self.exc, self.n = inner, after, exc, 0
+    def __getattr__(self, k): return getattr(self.inner, k)
+    def complete(self, req):
+        self.n += 1
+        if self.n > self.after: raise self.exc
+        return self.inner.complete(req)
+
+
+@pytest.mark.parametrize("exc,status", [(KeyboardInterrupt, "KILLED"), (RuntimeError("crash"), "FAILED")])
+def test_interrupted_eval_ends_its_run_and_resumes_without_requerying(env, tmp_path, exc, status):
+    from promptsys.providers import make_provider
+    s = load_settings(ROOT / "settings.ini", overrides={**env["ov"], "cache.dir": str(tmp_path / "cache")}, env={})
+    url, client = env["url"], pe.mlflow_client(s)
+    dying = _Dies(make_provider(s), 5, exc)
+    before = calls(url)
+    with pytest.raises(type(exc) if isinstance(exc, Exception) else exc):
+        pe.evaluate("sentiment", [3], settings=s, provider=dying, concurrency=1, progress=False)
+    assert calls(url) - before == 5
+    exp_id = client.get_experiment_by_name("t-sentiment").experiment_id
+    last = client.search_runs([exp_id], "params.version = '3'", order_by=["attributes.start_time DESC"])[0]
+    assert last.info.status == status
+    before = calls(url)
+    df = pe.evaluate("sentiment", [3], settings=s, concurrency=1, progress=False)
+    assert calls(url) - before == N - 5 and df.cache_hit_rate.iloc[0] == pytest.approx(5 / N)
+
+
+def test_runs_left_running_by_a_killed_process_are_marked_killed(env):
+    s = env["s"]
+    client = pe.mlflow_client(s)
+    exp_id = client.get_experiment_by_name("t-sentiment").experiment_id
+    p = subprocess.Popen([sys.executable, "-c", "pass"]); p.wait()      # a pid that is certainly dead
+    run = client.create_run(exp_id, tags={"promptsys.kind": "eval", "promptsys.pid": str(p.pid),
+                                          "promptsys.host": socket.gethostname()})
+    mine = client.create_run(exp_id, tags={"promptsys.pid": str(os.getpid()), "promptsys.host": socket.gethostname()})
+    pe.evaluate("sentiment", [1], settings=s, progress=False)
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    assert client.get_run(mine.info.run_id).info.status == "RUNNING"     # a live process's run is left alone
+    client.set_terminated(mine.info.run_id, "FINISHED")
+
+
+def test_compare_reads_back_the_latest_runs(env):
+    s = env["s"]
+    df = pe.compare("sentiment", s)
+    assert set(df.index) == set(env["task"].versions)
+    assert {"accuracy", "latency_p95_ms", "cost_per_call_usd", "run_id", "dataset_hash"} <= set(df.columns)
+    fig = pe.compare_figure(df)
+    assert len(fig.axes) == 2
+
+
+def test_unreachable_tracking_server_is_a_fast_typed_error(env):
+    s = load_settings(ROOT / "settings.ini", overrides={**env["ov"], "mlflow.tracking_uri": "http://127.0.0.1:9"}, env={})
+    t0 = time.monotonic()
+    with pytest.raises(TrackingError, match="unreachable"):
+        pe.evaluate("sentiment", [1], settings=s, progress=False)
+    assert time.monotonic() - t0 < 30
+
+
+def test_cli_eval(env, capsys):
+    from promptsys.cli import main
+    sets = [x for k, v in env["ov"].items() for x in ("--set", f"{k}={v}")]
+    assert main([*sets, "eval", "sentiment", "--versions", "1,2", "--limit", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "v1_bare" in out and "v2_role_format" in out and "t-sentiment" in out
+
+
+def test_eval_notebook_runs_under_papermill(env):
+    import papermill as pm
+    from promptsys.promote import notebook_result
+    out = env["tmp"] / "runs" / "eval_out.ipynb"
+    out.parent.mkdir(exist_ok=True)
+    pm.execute_notebook(str(ROOT / "experiments/eval_prompts.ipynb"), str(out), kernel_name="python3", language="python",
+                        cwd=str(ROOT / "experiments"), progress_bar=False,
+                        parameters=dict(task="sentiment", versions=[1, 4], sample_size=6, repeats=1,
+                                        settings_path=str(ROOT / "settings.ini"), overrides=env["ov"]))
+    res = notebook_result(out)
+    assert res["ok"] and res["errors"] == 0 and set(res["runs"]) == {"1", "4"}
+    client = pe.mlflow_client(env["s"])
+    for rid in res["runs"].values():
+        r = client.get_run(rid)
+        assert r.info.status == "FINISHED" and r.data.params["dataset_rows"] == "6"
+    # the committed notebook has no outputs; the executed one does
+    src = json.loads((ROOT / "experiments/eval_prompts.ipynb").read_text())
+    assert all(not c.get("outputs") for c in src["cells"] if c["cell_type"] == "code")
+    assert src["cells"][1]["metadata"]["tags"] == ["parameters"]
