@@ -151,3 +151,5 @@ def main(argv:list[str]|None=None) -> int:
         return 2 if isinstance(e, (InputValidationError, ConfigError, TemplateError, PromptNotFound)) else 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr); return 130
+    except BrokenPipeError:                      # `promptsys ... | head`: the reader left; not an error
+        sys.stderr.close(); return 0

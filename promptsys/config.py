@@ -54,7 +54,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                  max_cost_increase=("float", 0.5), regression_threshold=("float", 0.05),
                  auto_rollback=("bool", False)),
     "monitor": dict(enabled=("bool", False), db_path=("path", ""),
-                    flush_seconds=("float", 1.0), batch_size=("int", 256)),
+                    flush_seconds=("float", 1.0), batch_size=("int", 256), tracing=("bool", False)),
     "alerts": dict(max_error_rate=("float", 0.05), max_p95_latency_ms=("float", 5000.0),
                    min_accuracy=("float", 0.0), budget_used=("float", 0.8),
                    latency_trend=("float", 1.5), dedup_seconds=("float", 3600.0),

@@ -445,8 +445,8 @@ def evaluate_alerts(settings:Settings|str|Path|None=None, hours:float|None=None,
         if r and e and r["requests"] >= min_calls and e["requests"] >= min_calls and e["latency_p95_ms"]:
             ratio = r["latency_p95_ms"] / e["latency_p95_ms"]
             if ratio >= a.latency_trend:
-                out.append(Alert(f"latency_trend:{name}:v{v}", f"{where}: latency trending up ({ratio:.1f}×) — last hour p95 {_ms(r['latency_p95_ms'])} "
-                                 f"is {ratio:.1f}× the earlier window's {_ms(e['latency_p95_ms'])}", "warning", ratio, a.latency_trend, **common))
+                out.append(Alert(f"latency_trend:{name}:v{v}", f"{where}: latency trending up ({ratio:.1f}×) — last hour p95 {_ms(r['latency_p95_ms'])}, "
+                                 f"before it {_ms(e['latency_p95_ms'])}", "warning", ratio, a.latency_trend, **common))
     if a.budget_used > 0:
         for b in budget_status(s, sorted({g["task"] for g in sm["groups"] if g["task"]})):
             if b["used"] >= a.budget_used:

@@ -47,6 +47,7 @@ class Result:
     error: dict|None = None
     input_chars: int = 0
     timestamp: float = 0.0
+    input_hash: str = ""       # sha256 (16 hex) of the validated input: same input, same hash (consistency)
     @property
     def ok(self) -> bool: return self.error is None and self.output is not None
     @property
@@ -61,7 +62,7 @@ class Result:
                     input_chars=self.input_chars, tokens_in=self.tokens_in, tokens_out=self.tokens_out,
                     cost_usd=self.cost_usd, cache_hit=self.cache_hit, retries=self.retries, fallback=self.fallback,
                     fallback_reason=self.fallback_reason, output_valid=self.output is not None and not self.fallback,
-                    label=self.label)
+                    label=self.label, input_hash=self.input_hash)
     def __repr__(self):
         what = f"output={self.output}" if self.ok else f"error={(self.error or {}).get('type')}"
         extra = (" cache_hit" if self.cache_hit else "") + (f" fallback({self.fallback_reason[:40]})" if self.fallback else "")
@@ -116,8 +117,9 @@ class Pipeline:
         self.sinks = list(sinks or [])
         if s.promptsys.records == "jsonl": self.sinks.append(JSONLSink(s.promptsys.records_path))
         if s.monitor.enabled:
-            from promptsys.monitor import metrics_store
+            from promptsys.monitor import metrics_store, watch_budget
             self.sinks.append(metrics_store(s))
+            watch_budget(self.budget, s)
         self._log = s.promptsys.records == "log"
         self._var = self.task.input.variable
         self._cascade = bool(s.model.cascade)
@@ -180,6 +182,7 @@ class _Call:
     tokens_out: int = 0
     fallback_reason: str = ""
     downgraded: bool = False
+    input_hash: str = ""
 
 def _rid() -> str: return os.urandom(8).hex()
 
@@ -189,6 +192,7 @@ def _prepare(self:Pipeline, value, variables:dict, request_id, use_cache:bool) -
     try:
         if isinstance(value, dict): variables, value = {**value, **variables}, value.get(self._var)
         call.text = validate_input(value, self.task.input)
+        call.input_hash = hashlib.sha256(call.text.encode()).hexdigest()[:16]
         call.prompt = self.prompt.render(**{**variables, self._var: call.text})
     except PromptsysError as e:
         self._emit(self._failure(call, e))
@@ -221,7 +225,7 @@ def _success(self:Pipeline, call:_Call, c:Completion, out:dict, fallback:bool) -
     r = Result(out, c.text, self.task.name, self.prompt.number, self.prompt.hash, c.model, c.provider,
                c.endpoint, call.tokens_in, call.tokens_out, call.cost, (time.perf_counter() - call.t0) * 1e3,
                False, call.request_id, call.retries, fallback, call.fallback_reason if fallback else "",
-               input_chars=len(call.text), timestamp=time.time())
+               input_chars=len(call.text), timestamp=time.time(), input_hash=call.input_hash)
     if call.key and not fallback:
         self.cache.set(call.key, dict(output=out, raw=c.text, model=c.model, provider=c.provider,
                                       endpoint=c.endpoint, tokens_in=c.tokens_in, tokens_out=c.tokens_out))
@@ -233,7 +237,7 @@ def _failure(self:Pipeline, call:_Call, err:PromptsysError) -> Result:
     return Result(None, "", self.task.name, self.prompt.number, self.prompt.hash, tokens_in=call.tokens_in,
                   tokens_out=call.tokens_out, cost_usd=call.cost, latency_ms=(time.perf_counter() - call.t0) * 1e3,
                   request_id=call.request_id, retries=call.retries, error=err.to_dict(), input_chars=len(call.text),
-                  timestamp=time.time())
+                  timestamp=time.time(), input_hash=call.input_hash)
 Pipeline._failure = _failure
 
 def _give_up(self:Pipeline, call:_Call, err:PromptsysError) -> Result:
@@ -243,7 +247,7 @@ def _give_up(self:Pipeline, call:_Call, err:PromptsysError) -> Result:
         r = Result(dict(fb), "", self.task.name, self.prompt.number, self.prompt.hash, "fallback", "task", "",
                    call.tokens_in, call.tokens_out, call.cost, (time.perf_counter() - call.t0) * 1e3, False,
                    call.request_id, call.retries, True, f"{type(err).__name__}: {err.message}"[:300],
-                   input_chars=len(call.text), timestamp=time.time())
+                   input_chars=len(call.text), timestamp=time.time(), input_hash=call.input_hash)
         self._emit(r)
         return r
     self._emit(self._failure(call, err))
