@@ -128,7 +128,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/20_cli.ipynb #c009
-PLUGINS = ("promptsys.eval", "promptsys.promote", "promptsys.monitor")
+PLUGINS = ("promptsys.eval", "promptsys.promote", "promptsys.monitor", "promptsys.shared")
 
 def _load_plugins():
     "Collect `CLI_COMMANDS` from the modules that have them (their heavy imports stay inside the commands)."

@@ -45,6 +45,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                    on_exceed=(("stop", "downgrade", "warn"), "stop"), downgrade_to=("str", ""),
                    alert_at=("float", 0.8)),
     "prices": {},
+    "redis": dict(use=("list", ""), url_env=("str", "PROMPTSYS_REDIS_URL"), key_prefix=("str", "promptsys"),
+                  retry_seconds=("float", 5.0), timeout=("float", 0.25)),
     "mlflow": dict(tracking_uri=("str", "sqlite:///mlflow.db"), experiment_prefix=("str", "promptsys"),
                    alias_cache_seconds=("float", 60.0)),
     "eval": dict(concurrency=("int", 4), repeats=("int", 1), bad_rows=(("error", "skip"), "error"),

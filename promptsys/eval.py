@@ -409,21 +409,22 @@ def _finish_run(setup, run_f, ev:VersionEval, ds:Dataset, labels:tuple):
         client.log_figure(rid, confusion_figure(cm, f"{ev.version.task} {ev.version.name}"), "confusion_matrix.png")
     client.log_artifact(rid, str(ds.path), "dataset")
     if ds.skipped: client.log_dict(rid, {"skipped": [dict(line=l, problem=p) for l, p in ds.skipped]}, "dataset/skipped.json")
+    client.set_terminated(rid, "FINISHED")
     return rid
 
 def _end_runs(setup, run_fs:list, status:str):
+    "Mark the runs that are still RUNNING as `status` (KILLED / FAILED)."
     client = setup.result()[0]
     for f in run_fs:
-        try: client.set_terminated(f.result(), status)
+        try:
+            rid = f.result()
+            if client.get_run(rid).info.status == "RUNNING": client.set_terminated(rid, status)
         except Exception as e: log.warning("could not end run: %s", e)
 
 def _log_comparison(setup, run_fs:list, summary):
     client = setup.result()[0]
     fig = compare_figure(summary)
-    for f in run_fs:
-        rid = f.result()
-        client.log_figure(rid, fig, "versions_comparison.png")
-        client.set_terminated(rid, "FINISHED")
+    for f in run_fs: client.log_figure(f.result(), fig, "versions_comparison.png")
 
 # %% ../nbs/12_eval.ipynb #c028
 def evaluate(task:str|Task, # A task name or a loaded `Task`
@@ -449,35 +450,44 @@ def evaluate(task:str|Task, # A task name or a loaded `Task`
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset or t.dataset or "", t, s.eval.bad_rows)
     ds = ds.sample(sample) if sample else ds.head(limit)
     vs = [t.version(v) for v in (versions or list(t.versions))]
-    repeats, conc = max(1, repeats or s.eval.repeats), concurrency or s.eval.concurrency
+    repeats = max(1, repeats or s.eval.repeats)
     if track: check_tracking(tracking_uri(s))
     bg = ThreadPoolExecutor(1, thread_name_prefix="promptsys-mlflow") if track else None
     setup = bg.submit(_tracking_setup, s, t, vs) if track else None
-    evals, run_fs = {}, []
+    evals, run_fs, finish_fs, current = {}, [], [], None
+    def setup_error():
+        if not (track and setup.done() and setup.exception()): return None
+        e = setup.exception()
+        return e if isinstance(e, PromptsysError) else TrackingError(f"MLflow setup failed: {type(e).__name__}: {e}")
     try:
         for pv in vs:
             pipe = Pipeline(t, pv.number, settings=s, provider=provider, cache=cache, mode="strict")
             p = pipe.provider
+            # the embedded model answers one call at a time (behind a lock): more calls in flight would only
+            # queue, and the queueing would be measured as latency
+            conc = 1 if p.name == "local" else (concurrency or s.eval.concurrency)
             params = dict(task=t.name, version=pv.number, version_name=pv.name, prompt_hash=pv.hash, model=p.model,
                           provider=p.name, decoding=getattr(p, "decoding", ""), temperature=pipe.temperature,
                           max_tokens=pipe.max_tokens, seed=pipe.seed, fallbacks=",".join(s.model.fallbacks),
                           dataset=ds.path.name, dataset_hash=ds.hash, dataset_rows=len(ds), repeats=repeats,
                           concurrency=conc, cache=cache, labels=",".join(t.output.labels))
-            if track: run_fs.append(bg.submit(_start_run, setup, pv, params))
+            if track: current = bg.submit(_start_run, setup, pv, params)
             rows = answer(pipe, ds, repeats, conc, progress, cache)
             evals[pv.number] = ev = VersionEval(pv, rows, score(rows, t.output.labels, scorers), params=params)
             if track:
-                if setup.done() and setup.exception(): raise setup.exception()
-                bg.submit(_finish_run, setup, run_fs[-1], ev, ds, t.output.labels)
+                if err := setup_error(): raise err
+                finish_fs.append(bg.submit(_finish_run, setup, current, ev, ds, t.output.labels))
+                run_fs.append(current); current = None
     except BaseException as e:
         if track:
             status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-            if not (setup.done() and setup.exception()): bg.submit(_end_runs, setup, run_fs, status)
+            if current is not None and not setup_error(): bg.submit(_end_runs, setup, [current], status)
             bg.shutdown(wait=True)
         raise
     if track:
         try:
-            for f in run_fs: f.result()
+            if err := setup_error(): raise err
+            for f in run_fs + finish_fs: f.result()
             summary = summary_frame(evals)
             for n, f in zip(evals, run_fs): evals[n].run_id = f.result()
             summary["run_id"] = [evals[n].run_id for n in summary.index]

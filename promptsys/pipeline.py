@@ -14,10 +14,10 @@ from .config import Settings, get_settings, load_settings
 from .prompts import Task, PromptVersion, load_task
 from .validation import validate_input, parse_output
 from .providers import Request, Completion, Provider, make_provider
-from .cache import open_cache, cache_key
-from .retry import RetryPolicy, RateLimiter
-from .breaker import breaker_for
-from .cost import PriceTable, Budget
+from .cache import cache_key
+from .retry import RetryPolicy
+from .shared import cache_for, breaker_for, budget_for, rate_limiter_for
+from .cost import PriceTable
 from .balance import Target, Group
 
 # %% auto #0
@@ -109,11 +109,10 @@ class Pipeline:
         self.temperature = float(temperature if temperature is not None else d.get("temperature", s.model.temperature))
         self.seed = s.model.seed
         self.prices = PriceTable.from_settings(s)
-        self.budget = Budget.from_settings(s, self.task)
+        self.budget = budget_for(s, self.task)          # diskcache on one host, Redis when [redis] use says so
         self.retry = RetryPolicy.from_settings(s)
         self.groups = self._build_groups(provider)
-        self.cache = (open_cache(s.cache.dir, s.cache.ttl_seconds, s.cache.size_limit_mb)
-                      if (s.cache.enabled if cache is None else cache) else None)
+        self.cache = cache_for(s) if (s.cache.enabled if cache is None else cache) else None
         self.sinks = list(sinks or [])
         if s.promptsys.records == "jsonl": self.sinks.append(JSONLSink(s.promptsys.records_path))
         if s.monitor.enabled:
@@ -150,7 +149,7 @@ class Pipeline:
             name, model = _spec(spec)
             urls = (s.openai.base_url, *s.openai.endpoints) if name == "openai" and s.openai.endpoints else (None,)
             providers = [make_provider(s, name, model, base_url=u) for u in urls]
-        return Group([Target(p, breaker_for(p.endpoint, s), RateLimiter.for_endpoint(p.endpoint, s)) for p in providers],
+        return Group([Target(p, breaker_for(p.endpoint, s), rate_limiter_for(p.endpoint, s)) for p in providers],
                      s.openai.balance)
 
     def _build_groups(self, provider) -> list[Group]:

@@ -14,12 +14,13 @@ from .cost import Budget, Reservation
 from .retry import RateLimiter
 
 log = logging.getLogger("promptsys.shared")
+cost_log = logging.getLogger("promptsys.cost")    # budget messages go where the embedded budget's go
 PARTS = ("cache", "breaker", "budget", "ratelimit")
 
 # %% auto #0
-__all__ = ['log', 'PARTS', 'RedisConfig', 'redis_config', 'uses_redis', 'redact_url', 'RedisLink', 'link_for', 'RedisCache',
-           'RedisStore', 'SharedReservation', 'RedisBudget', 'RedisRateLimiter', 'cache_for', 'breaker_for',
-           'budget_for', 'rate_limiter_for', 'attach', 'status']
+__all__ = ['log', 'cost_log', 'PARTS', 'CLI_COMMANDS', 'RedisConfig', 'redis_config', 'uses_redis', 'redact_url', 'RedisLink',
+           'link_for', 'RedisCache', 'RedisStore', 'SharedReservation', 'RedisBudget', 'RedisRateLimiter', 'cache_for',
+           'breaker_for', 'budget_for', 'rate_limiter_for', 'attach', 'status', 'cmd_shared']
 
 # %% ../nbs/15_shared.ipynb #c005
 @dataclass(frozen=True)
@@ -244,18 +245,19 @@ end
 return {1, unpack(over)}
 """
 _SETTLE = """
-local actual, held, alert_at, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), #KEYS
+local actual, alert_at, n = tonumber(ARGV[1]), tonumber(ARGV[2]), #KEYS
 local crossed = {}
 for i, k in ipairs(KEYS) do
+  local held = tonumber(ARGV[2 + 2 * n + i])
   if held > 0 then
     local h = tonumber(redis.call('hget', k, 'held') or '0') - held
     redis.call('hset', k, 'held', h > 0 and h or 0)
   end
   local s = redis.call('hincrby', k, 'spent', actual)
-  if redis.call('hget', k, 'alerted') ~= '1' and s >= tonumber(ARGV[3 + i]) * alert_at then
+  if redis.call('hget', k, 'alerted') ~= '1' and s >= tonumber(ARGV[2 + i]) * alert_at then
     redis.call('hset', k, 'alerted', 1); table.insert(crossed, i); table.insert(crossed, s)
   end
-  if tonumber(ARGV[3 + n + i]) > 0 then redis.call('expire', k, ARGV[3 + n + i]) end
+  if tonumber(ARGV[2 + n + i]) > 0 then redis.call('expire', k, ARGV[2 + n + i]) end
 end
 return crossed
 """
@@ -308,7 +310,7 @@ def _flush_pending(self:RedisBudget, r):
     try:
         while self._pending:
             sfx, lims, amt = self._pending[0]
-            crossed = self._scripts["settle"](keys=self._rkeys(sfx), args=[amt, 0, self.alert_at, *lims, *self._ttls(sfx)], client=r)
+            crossed = self._scripts["settle"](keys=self._rkeys(sfx), args=[amt, self.alert_at, *lims, *self._ttls(sfx), *[0] * len(sfx)], client=r)
             with self._plock: self._pending.pop(0)
             self._alert_crossed([(sfx[i - 1], s) for i, s in zip(crossed[::2], crossed[1::2])])
         while self._orphans:
@@ -322,10 +324,10 @@ def _alert_crossed(self:RedisBudget, crossed:list):
     by_key = {k: (scope, lim) for scope, k, lim in self._scopes()}
     for k, s in crossed:
         scope, lim = by_key.get(k, (k, 0.0))
-        log.warning("budget %s at %.0f%% ($%.6f of $%.6f)", scope, 100 * _usd(s) / lim if lim else 0, _usd(s), lim)
+        cost_log.warning("budget %s at %.0f%% ($%.6f of $%.6f)", scope, 100 * _usd(s) / lim if lim else 0, _usd(s), lim)
         for cb in list(self.on_alert):
             try: cb(scope, _usd(s), lim)
-            except Exception as e: log.warning("budget alert callback failed: %s", e)
+            except Exception as e: cost_log.warning("budget alert callback failed: %s", e)
 RedisBudget._alert_crossed = _alert_crossed
 
 def _reserve(self:RedisBudget, estimate_usd:float, model:str="") -> Reservation|None:
@@ -344,7 +346,7 @@ def _reserve(self:RedisBudget, estimate_usd:float, model:str="") -> Reservation|
         scope, used, lim = over[0]
         raise BudgetExceeded(f"budget {scope} would be exceeded: ${used:.6f} spent or held of ${lim:.6f}, "
                              f"this call ~${estimate_usd:.6f} on {model or 'the model'}", scope=scope)
-    for scope, used, lim in over: log.warning("budget %s exceeded ($%.6f of $%.6f); on_exceed=warn", scope, used, lim)
+    for scope, used, lim in over: cost_log.warning("budget %s exceeded ($%.6f of $%.6f); on_exceed=warn", scope, used, lim)
     return SharedReservation(amt, tuple(sfx))
 
 def _settle(self:RedisBudget, r:Reservation|None, actual_usd:float):
@@ -355,10 +357,12 @@ def _settle(self:RedisBudget, r:Reservation|None, actual_usd:float):
     shared = isinstance(r, SharedReservation)
     sc = self._scopes()
     sfx, lims = [k for _, k, _ in sc], [_micro(l) for _, _, l in sc]
-    held = r.amount if shared else 0
+    held = [r.amount if shared and k in r.scopes else 0 for k in sfx]
+    stale = [k for k in r.scopes if k not in sfx] if shared else []    # held on a day that has ended since
     def f(cl):
         if self._pending or self._orphans: self._flush_pending(cl)
-        return self._scripts["settle"](keys=self._rkeys(sfx), args=[amt, held, self.alert_at, *lims, *self._ttls(sfx)], client=cl)
+        if stale: self._scripts["release"](keys=self._rkeys(stale), args=[r.amount], client=cl)
+        return self._scripts["settle"](keys=self._rkeys(sfx), args=[amt, self.alert_at, *lims, *self._ttls(sfx), *held], client=cl)
     crossed = self.link.run(f, lambda: None)
     if crossed is None:     # outage: charge the host's ledger now, and Redis later
         Budget.settle(self, None if shared else r, actual_usd)
@@ -533,3 +537,17 @@ def status(s) -> dict:
         except ConfigError as e: return dict(out, redis="misconfigured", error=e.message)
         out.update(redis="up" if link.ping() else "down", url=redact_url(link.url), prefix=c.key_prefix, outages=link.outages)
     return out
+
+# %% ../nbs/15_shared.ipynb #c033
+def _cfg_shared(p): p.add_argument("--json", action="store_true", help="print one JSON object")
+
+def cmd_shared(a) -> int:
+    from promptsys.cli import _settings
+    st = status(_settings(a))
+    if a.json: print(json.dumps(st))
+    else:
+        for k, v in st.items(): print(f"{k:<10} {v}")
+    return 0 if st.get("redis", "up") == "up" else 1
+
+CLI_COMMANDS = {"shared": ("where the cache, breakers, budgets and rate limits live (local or Redis), and whether Redis answers",
+                           _cfg_shared, cmd_shared)}

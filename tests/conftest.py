@@ -5,8 +5,9 @@
 - ``make_settings(tmp_path, **overrides)``: settings from the repository's settings.ini with every store
   (state_dir, cache, MLflow, metrics db, records, cassettes, eval runs) inside ``tmp_path``. Overrides
   are ``"section.key"`` strings (``**{"retry.max_attempts": 2}``) or ``section__key`` keywords
-  (``retry__max_attempts=2``). Importable (``from conftest import make_settings``) and a fixture of the
-  same name.
+  (``retry__max_attempts=2``); values may be strings (parsed like the file) or typed. ``PROMPTSYS_*``
+  environment variables are ignored, so a developer's shell cannot change a test. Importable
+  (``from conftest import make_settings``) and a fixture of the same name.
 - ``fake_server(*args, **kw)``: starts ``tests/fakeserver.py`` as a process (loopback only) and returns
   ``(proc, url)``; every server a test started is stopped when the test ends, pass or fail.
   ``fake_server.openai_url(url)`` is the base_url promptsys's OpenAI provider wants (``url + "/v1"``).

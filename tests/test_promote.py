@@ -88,7 +88,7 @@ def test_promotion_lifecycle(env):
     assert df.accuracy.iloc[0] == 1.0
     dry = pp.promote("reviews", settings=s, dry_run=True)
     d = dry.decision
-    assert (dry.moved, d.passed, d.candidate, d.production) == (False, True, 1, 2)
+    assert (dry.moved, d.passed, d.candidate, d.production) == (False, True, 1, 2), d.reasons
     assert d.stats["b_prod_only"] == 0 and d.stats["c_cand_only"] == 8 and d.stats["p_value"] == pytest.approx(2 / 256)
     assert d.stats["ci_low"] > 0 and all(r.startswith(("✓", "-", "!")) for r in d.reasons)
     assert alias_version(env, "production") == 2 and len(audit(env)) == 1
