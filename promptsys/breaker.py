@@ -33,7 +33,7 @@ class _DiskStore:
     refresh = 0.1     # seconds a clean (closed, failure-free) reading is trusted without reading again
     def __init__(self, directory:Path):
         import diskcache
-        self.c = diskcache.Cache(str(directory), timeout=5)
+        self.c = diskcache.Cache(str(directory), timeout=5, cull_limit=0, eviction_policy="none")   # state, not a cache
         self.lock = threading.RLock()
     def get(self, k): return self.c.get(k)
     def update(self, k, fn):

@@ -200,17 +200,20 @@ def answer(pipe, # A `Pipeline` bound to the version under test
              for i in range(max(1, repeats) - 1)]
     var = pipe.task.input.variable
     rows = []
+    def label(r):   # a fallback *model*'s answer counts; the task's canned fallback answer (service mode) does not
+        return r.label if r.ok and not (r.fallback and r.provider == "task") else None
     for i, (e, r) in enumerate(zip(ds.examples, rs)):
-        pred = r.label if r.ok and not r.fallback else None
+        pred = label(r)
         cost = r.cost_usd if not r.cache_hit else pipe.prices.cost(r.model, r.provider, r.tokens_in, r.tokens_out)
         row = dict(id=e.id, line=e.line, input=e.inputs.get(var, ""), expected=e.expected, predicted=pred,
-                   correct=pred is not None and str(pred) == e.expected, valid=r.output is not None and not r.fallback,
+                   correct=pred is not None and str(pred) == e.expected,
+                   valid=r.output is not None and not (r.fallback and r.provider == "task"),
                    error=(r.error or {}).get("type"), latency_ms=round(r.latency_ms, 3), tokens_in=r.tokens_in,
                    tokens_out=r.tokens_out, cost_usd=cost, cache_hit=r.cache_hit, retries=r.retries,
                    fallback=r.fallback)
         if extra:
             reps = [x[i] for x in extra]
-            row["answers"] = [pred] + [x.label if x.ok and not x.fallback else None for x in reps]
+            row["answers"] = [pred] + [label(x) for x in reps]
             row["repeat_latencies"] = [x.latency_ms for x in reps if x.ok]
         rows.append(row)
     return rows
@@ -408,9 +411,24 @@ def _finish_run(setup, run_f, ev:VersionEval, ds:Dataset, labels:tuple):
                               [r["predicted"] for r in ev.rows], labels)}, "labels.json")
         client.log_figure(rid, confusion_figure(cm, f"{ev.version.task} {ev.version.name}"), "confusion_matrix.png")
     client.log_artifact(rid, str(ds.path), "dataset")
+    _log_dataset_input(client, rid, ds)
     if ds.skipped: client.log_dict(rid, {"skipped": [dict(line=l, problem=p) for l, p in ds.skipped]}, "dataset/skipped.json")
     client.set_terminated(rid, "FINISHED")
     return rid
+
+def _log_dataset_input(client, rid:str, ds:Dataset):
+    "Record the examples as the run's MLflow dataset input (digest = the dataset hash), shown in the UI's Datasets column."
+    import warnings
+    import pandas as pd
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.data.pandas_dataset import from_pandas
+    try:
+        df = pd.DataFrame([{"id": e.id, **e.inputs, "expected": e.expected} for e in ds.examples])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            d = from_pandas(df, source=str(ds.path), name=ds.path.name, digest=ds.hash)
+        client.log_inputs(rid, [DatasetInput(d._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "eval")])])
+    except Exception as e: log.warning("could not log the dataset input: %s", e)
 
 def _end_runs(setup, run_fs:list, status:str):
     "Mark the runs that are still RUNNING as `status` (KILLED / FAILED)."

@@ -61,7 +61,7 @@ class Result:
                     latency_ms=round(self.latency_ms, 3), success=self.ok, error_type=(self.error or {}).get("type"),
                     input_chars=self.input_chars, tokens_in=self.tokens_in, tokens_out=self.tokens_out,
                     cost_usd=self.cost_usd, cache_hit=self.cache_hit, retries=self.retries, fallback=self.fallback,
-                    fallback_reason=self.fallback_reason, output_valid=self.output is not None and not self.fallback,
+                    fallback_reason=self.fallback_reason, output_valid=self.output is not None and self.provider != "task",
                     label=self.label, input_hash=self.input_hash)
     def __repr__(self):
         what = f"output={self.output}" if self.ok else f"error={(self.error or {}).get('type')}"
@@ -84,10 +84,11 @@ class JSONLSink:
 # %% ../nbs/11_pipeline.ipynb #c009
 ALIASES = ("production", "staging", "previous")
 
-def _spec(spec:str) -> tuple[str, str|None]:
-    "'openai:gpt-4o-mini' → ('openai', 'gpt-4o-mini'); 'local' → ('local', None)"
+def _spec(spec:str) -> tuple[str, str|None, str|None]:
+    "'openai:gpt-4o-mini@http://gpu2:8000/v1' → ('openai', 'gpt-4o-mini', 'http://gpu2:8000/v1'); 'local' → ('local', None, None)"
+    spec, _, url = spec.partition("@")
     p, _, m = spec.partition(":")
-    return p.strip(), (m.strip() or None)
+    return p.strip(), (m.strip() or None), (url.strip() or None)
 
 class Pipeline:
     "A task's prompt version bound to models, reliability layers, cache and records."
@@ -146,8 +147,9 @@ class Pipeline:
         s = self.settings
         if provider is not None: providers = [provider]
         else:
-            name, model = _spec(spec)
-            urls = (s.openai.base_url, *s.openai.endpoints) if name == "openai" and s.openai.endpoints else (None,)
+            name, model, url = _spec(spec)
+            urls = ((url,) if url else (s.openai.base_url, *s.openai.endpoints) if name == "openai" and s.openai.endpoints
+                    else (None,))
             providers = [make_provider(s, name, model, base_url=u) for u in urls]
         return Group([Target(p, breaker_for(p.endpoint, s), rate_limiter_for(p.endpoint, s)) for p in providers],
                      s.openai.balance)
@@ -254,9 +256,10 @@ def _give_up(self:Pipeline, call:_Call, err:PromptsysError) -> Result:
 Pipeline._give_up = _give_up
 
 def _emit(self:Pipeline, r:Result):
-    if not (self.sinks or self._log): return
+    log_on = self._log and records_log.isEnabledFor(logging.INFO)
+    if not (self.sinks or log_on): return
     rec = r.to_record()
-    if self._log and records_log.isEnabledFor(logging.INFO): records_log.info(json.dumps(rec, separators=(",", ":")))
+    if log_on: records_log.info(json.dumps(rec, separators=(",", ":")))
     for sink in self.sinks:
         try: sink(rec)
         except Exception as e: logging.getLogger("promptsys").warning("record sink %r failed: %s", sink, redact(str(e)))
@@ -300,7 +303,9 @@ def _walk(self:Pipeline, call:_Call):
     for i, group in enumerate(self.groups):
         try: group, resv = _plan(self, call, group)
         except BudgetExceeded as e: last = e; break
-        outcome = yield group
+        try: outcome = yield group
+        except GeneratorExit:          # the call was abandoned (cancelled, CassetteMiss, a bug): free its hold
+            self.budget.release(resv); raise
         if isinstance(outcome, ProviderError):
             call.retries += getattr(outcome, "attempts", 1) - 1
             self.budget.release(resv)
@@ -331,6 +336,7 @@ def run(self:Pipeline, value, # The input text (or a dict of template variables)
             except ProviderError as e: outcome = e
             group = walk.send(outcome)
     except StopIteration as done: return done.value
+    finally: walk.close()
 Pipeline.run = run
 
 async def arun(self:Pipeline, value, *, cache:bool=True, request_id:str|None=None, **variables) -> Result:
@@ -346,6 +352,7 @@ async def arun(self:Pipeline, value, *, cache:bool=True, request_id:str|None=Non
             except ProviderError as e: outcome = e
             group = walk.send(outcome)
     except StopIteration as done: return done.value
+    finally: walk.close()
 Pipeline.arun = arun
 
 # %% ../nbs/11_pipeline.ipynb #c020

@@ -13,8 +13,8 @@ from .errors import (ProviderError, ProviderTimeout, RateLimited, CassetteMiss, 
 from .prompts import OutputSchema
 
 # %% auto #0
-__all__ = ['Request', 'Completion', 'Provider', 'HTTPProvider', 'OpenAIProvider', 'AnthropicProvider', 'ReplayProvider',
-           'make_provider']
+__all__ = ['Request', 'Completion', 'Provider', 'AiohttpTransport', 'HTTPProvider', 'OpenAIProvider', 'AnthropicProvider',
+           'ReplayProvider', 'make_provider']
 
 # %% ../nbs/04_providers.ipynb #c005
 @dataclass(slots=True)
@@ -92,7 +92,35 @@ def _transport_error(e:Exception, endpoint:str) -> ProviderError:
                          "Check that the server is running and the base_url in settings.ini.",
                          retryable=True, endpoint=endpoint)
 
-# %% ../nbs/04_providers.ipynb #c011
+# %% ../nbs/04_providers.ipynb #c012
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    "An httpx async transport that sends requests with aiohttp (cheaper per call at high concurrency)."
+    def __init__(self, limit:int=100):
+        self.limit, self._session = limit, None
+    async def handle_async_request(self, request:httpx.Request) -> httpx.Response:
+        import aiohttp
+        if self._session is None:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.limit), auto_decompress=False)
+        t = request.extensions.get("timeout", {})
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.get("connect"), sock_read=t.get("read"))
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length", "transfer-encoding")}
+        try:
+            async with self._session.request(request.method, str(request.url), headers=headers, data=request.content,
+                                             timeout=timeout, allow_redirects=False) as r:
+                body = await r.read()
+                return httpx.Response(r.status, headers=list(r.raw_headers), content=body, request=request)
+        except asyncio.TimeoutError as e: raise httpx.ReadTimeout(str(e) or "timed out", request=request) from None
+        except aiohttp.ClientConnectorError as e: raise httpx.ConnectError(str(e), request=request) from None
+        except aiohttp.ClientError as e: raise httpx.ReadError(str(e), request=request) from None
+    async def aclose(self):
+        if self._session is not None: await self._session.close()
+
+def _async_transport(limits:httpx.Limits):
+    "aiohttp under httpx when it is installed (much cheaper per call at high concurrency), else httpx's own."
+    try: import aiohttp  # noqa: F401
+    except ImportError: return None
+    return AiohttpTransport(limits.max_connections or 100)
+
 class HTTPProvider(Provider):
     "Shared plumbing of the HTTP providers: pooled clients, timeouts, typed errors."
     path = ""
@@ -104,23 +132,29 @@ class HTTPProvider(Provider):
         self.api_key_env = api_key_env
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self.limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self._client = self._aclient = None
+        self._client = self._aclient = self._aloop = None
         self._lock = threading.Lock()
     def api_key(self) -> str|None:
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         register_secret(key)
         return key
     def headers(self) -> dict: return {}
+    def _headers(self) -> dict: return {"content-type": "application/json", **self.headers()}
     @property
     def client(self) -> httpx.Client:
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    self._client = httpx.Client(timeout=self.timeout, limits=self.limits, headers=self.headers())
+                    self._client = httpx.Client(timeout=self.timeout, limits=self.limits, headers=self._headers())
         return self._client
     @property
     def aclient(self) -> httpx.AsyncClient:
-        if self._aclient is None: self._aclient = httpx.AsyncClient(timeout=self.timeout, limits=self.limits, headers=self.headers())
+        "The async client of the running event loop (a client's connections belong to the loop that made them)."
+        loop = asyncio.get_running_loop()
+        if self._aclient is None or self._aloop is not loop:
+            self._aclient = httpx.AsyncClient(timeout=self.timeout, limits=self.limits, headers=self._headers(),
+                                              transport=_async_transport(self.limits))
+            self._aloop = loop
         return self._aclient
     def body(self, req:Request) -> dict: raise NotImplementedError
     def parse(self, data:dict, latency:float) -> Completion: raise NotImplementedError
@@ -128,7 +162,7 @@ class HTTPProvider(Provider):
     def _finish(self, resp:httpx.Response, t0:float) -> Completion:
         latency = time.perf_counter() - t0
         if resp.status_code != 200: raise _http_error(resp, self.endpoint)
-        try: return self.parse(resp.json(), latency)
+        try: return self.parse(json.loads(resp.content), latency)
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise ProviderError(f"{self.endpoint} sent a malformed response ({type(e).__name__}: {str(e)[:120]})",
                                 "The server answered but not in the expected format; check base_url.",
@@ -136,13 +170,13 @@ class HTTPProvider(Provider):
     def complete(self, req:Request) -> Completion:
         content = json.dumps(self.body(req)).encode()
         t0 = time.perf_counter()
-        try: resp = self.client.post(self.url, content=content, headers={"content-type": "application/json"})
+        try: resp = self.client.post(self.url, content=content)
         except httpx.HTTPError as e: raise _transport_error(e, self.endpoint) from None
         return self._finish(resp, t0)
     async def acomplete(self, req:Request) -> Completion:
         content = json.dumps(self.body(req)).encode()
         t0 = time.perf_counter()
-        try: resp = await self.aclient.post(self.url, content=content, headers={"content-type": "application/json"})
+        try: resp = await self.aclient.post(self.url, content=content)
         except httpx.HTTPError as e: raise _transport_error(e, self.endpoint) from None
         return self._finish(resp, t0)
     def close(self):
@@ -150,7 +184,7 @@ class HTTPProvider(Provider):
         self._client = None
     def __repr__(self): return f"{type(self).__name__}(model={self.model!r}, endpoint={self.endpoint!r})"
 
-# %% ../nbs/04_providers.ipynb #c013
+# %% ../nbs/04_providers.ipynb #c014
 class OpenAIProvider(HTTPProvider):
     "Any OpenAI-compatible chat-completions endpoint."
     name, path = "openai", "/chat/completions"
@@ -179,7 +213,7 @@ class OpenAIProvider(HTTPProvider):
                           int(usage.get("completion_tokens", 0)), latency, data.get("model", self.model),
                           self.name, self.endpoint, choice.get("finish_reason") or "")
 
-# %% ../nbs/04_providers.ipynb #c015
+# %% ../nbs/04_providers.ipynb #c016
 class AnthropicProvider(HTTPProvider):
     "Anthropic's Messages API."
     name, path = "anthropic", "/v1/messages"
@@ -203,7 +237,7 @@ class AnthropicProvider(HTTPProvider):
         return Completion(text, int(u.get("input_tokens", 0)), int(u.get("output_tokens", 0)), latency,
                           data.get("model", self.model), self.name, self.endpoint, data.get("stop_reason") or "")
 
-# %% ../nbs/04_providers.ipynb #c017
+# %% ../nbs/04_providers.ipynb #c018
 class ReplayProvider(Provider):
     "Replays recorded responses from a cassette; records new ones from `inner` in record/auto mode."
     name = "replay"
@@ -257,7 +291,7 @@ class ReplayProvider(Provider):
         c = await self.inner.acomplete(req); self._store(req, c); return c
     def count_tokens(self, text): return (self._inner or Provider()).count_tokens(text)
 
-# %% ../nbs/04_providers.ipynb #c019
+# %% ../nbs/04_providers.ipynb #c020
 def make_provider(settings, # A `Settings`
                   name:str|None=None, # Provider name (default: [model] provider)
                   model:str|None=None, # Model name (default: [model] name, else the provider's section)

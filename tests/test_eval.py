@@ -105,6 +105,7 @@ def test_eval_logs_one_run_per_version_with_params_metrics_artifacts(env):
         arts = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"examples.json", "confusion_matrix.png", "versions_comparison.png", "labels.json", "dataset"} <= arts
         assert [a.path for a in client.list_artifacts(r.info.run_id, "dataset")] == ["dataset/sentiment.jsonl"]
+        assert [(i.dataset.name, i.dataset.digest) for i in r.inputs.dataset_inputs] == [("sentiment.jsonl", ds.hash)]
         ex = pe.run_examples(client, r.info.run_id)
         assert [e["id"] for e in ex] == [e.id for e in ds.examples]
         # the fake model answers by keywords: the examples table holds exactly its answers
@@ -221,3 +222,34 @@ def test_eval_notebook_runs_under_papermill(env):
     src = json.loads((ROOT / "experiments/eval_prompts.ipynb").read_text())
     assert all(not c.get("outputs") for c in src["cells"] if c["cell_type"] == "code")
     assert src["cells"][1]["metadata"]["tags"] == ["parameters"]
+
+
+def test_ctrl_c_on_the_cli_marks_the_run_killed_and_the_rerun_resumes(env, tmp_path):
+    "A real SIGINT to a real `promptsys eval` process."
+    import signal
+    from tests.fakeserver import control
+    ov = {**env["ov"], "cache.dir": str(tmp_path / "cache"), "eval.concurrency": "1"}
+    sets = [x for k, v in ov.items() for x in ("--set", f"{k}={v}")]
+    url = env["url"]
+    control(url, delay_ms=700)
+    try:
+        before = calls(url)
+        p = subprocess.Popen([sys.executable, "-c", "import sys; from promptsys.cli import main; sys.exit(main())", *sets, "eval", "sentiment", "--versions", "2"],
+                             cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        t0 = time.monotonic()
+        while calls(url) - before < 3 and time.monotonic() - t0 < 60: time.sleep(0.1)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally: control(url, delay_ms=0)
+    assert p.returncode == 130, err[-2000:]
+    served = calls(url) - before
+    assert 3 <= served < N
+    s = load_settings(ROOT / "settings.ini", overrides=ov, env={})
+    client = pe.mlflow_client(s)
+    exp_id = client.get_experiment_by_name("t-sentiment").experiment_id
+    last = client.search_runs([exp_id], "params.version = '2'", order_by=["attributes.start_time DESC"])[0]
+    assert last.info.status == "KILLED"
+    before = calls(url)
+    pe.evaluate("sentiment", [2], settings=s, progress=False)
+    assert calls(url) - before in (N - served, N - served + 1)   # at most the call in flight at Ctrl-C is asked again
