@@ -445,6 +445,10 @@ def _log_comparison(setup, run_fs:list, summary):
     for f in run_fs: client.log_figure(f.result(), fig, "versions_comparison.png")
 
 # %% ../nbs/12_eval.ipynb #c028
+def _version() -> str:
+    import promptsys
+    return promptsys.__version__
+
 def evaluate(task:str|Task, # A task name or a loaded `Task`
              versions:list|None=None, # Version numbers (default: all of the task's versions)
              dataset:str|Path|Dataset|None=None, # A dataset file or `Dataset` (default: the task's [dataset] path)
@@ -488,7 +492,7 @@ def evaluate(task:str|Task, # A task name or a loaded `Task`
                           provider=p.name, decoding=getattr(p, "decoding", ""), temperature=pipe.temperature,
                           max_tokens=pipe.max_tokens, seed=pipe.seed, fallbacks=",".join(s.model.fallbacks),
                           dataset=ds.path.name, dataset_hash=ds.hash, dataset_rows=len(ds), repeats=repeats,
-                          concurrency=conc, cache=cache, labels=",".join(t.output.labels))
+                          concurrency=conc, cache=cache, labels=",".join(t.output.labels), promptsys_version=_version())
             if track: current = bg.submit(_start_run, setup, pv, params)
             rows = answer(pipe, ds, repeats, conc, progress, cache)
             evals[pv.number] = ev = VersionEval(pv, rows, score(rows, t.output.labels, scorers), params=params)

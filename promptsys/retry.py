@@ -5,8 +5,6 @@
 # %% ../nbs/07_retry.ipynb #c003
 from __future__ import annotations
 import asyncio, threading, time
-from tenacity import (Retrying, AsyncRetrying, stop_after_attempt, stop_after_delay, retry_if_exception,
-                      wait_exponential_jitter)
 from .errors import ProviderError, CircuitOpen, RateLimited
 
 # %% auto #0
@@ -22,16 +20,22 @@ class RetryPolicy:
     def __init__(self, max_attempts:int=4, initial_wait:float=0.25, max_wait:float=8.0, jitter:float=0.25,
                  deadline:float=120.0):
         self.max_attempts, self.deadline = max(1, max_attempts), deadline
-        try: self._expo = wait_exponential_jitter(multiplier=initial_wait, max=max_wait, jitter=jitter)
-        except TypeError:   # tenacity < 9.1 names it `initial`
-            self._expo = wait_exponential_jitter(initial=initial_wait, max=max_wait, jitter=jitter)
+        self.initial_wait, self.max_wait, self.jitter = initial_wait, max_wait, jitter
+        self._expo = None   # built with tenacity on the first retry: calls that never fail never import it
     @classmethod
     def from_settings(cls, s):
         r = s.retry
         return cls(r.max_attempts, r.initial_wait, r.max_wait, r.jitter, r.deadline_seconds)
     def __repr__(self): return f"RetryPolicy(max_attempts={self.max_attempts}, deadline={self.deadline:g}s)"
-    def _retrying(self, cls, spent:float=0.0):
+    def _retrying(self, is_async:bool, spent:float=0.0):
         "A tenacity retrier for one call whose first `spent` seconds are already gone."
+        from tenacity import (Retrying, AsyncRetrying, stop_after_attempt, stop_after_delay, retry_if_exception,
+                              wait_exponential_jitter)
+        if self._expo is None:
+            try: self._expo = wait_exponential_jitter(multiplier=self.initial_wait, max=self.max_wait, jitter=self.jitter)
+            except TypeError:   # tenacity < 9.1 names it `initial`
+                self._expo = wait_exponential_jitter(initial=self.initial_wait, max=self.max_wait, jitter=self.jitter)
+        cls = AsyncRetrying if is_async else Retrying
         left = self.deadline - spent
         def wait(state) -> float:
             "Seconds before the next attempt: backoff, at least Retry-After, never past the deadline."
@@ -56,7 +60,7 @@ def _call(self:RetryPolicy, group, req):
             e, first = first, None; raise e       # the failure we already had is tenacity's attempt 1
         n += 1
         return group.attempt(req)
-    try: c = self._retrying(Retrying, time.monotonic() - t0)(attempt)
+    try: c = self._retrying(False, time.monotonic() - t0)(attempt)
     except ProviderError as e:
         e.attempts = n; raise
     return c, n - 1
@@ -75,7 +79,7 @@ async def _acall(self:RetryPolicy, group, req):
             e, first = first, None; raise e
         n += 1
         return await group.aattempt(req)
-    try: c = await self._retrying(AsyncRetrying, time.monotonic() - t0)(attempt)
+    try: c = await self._retrying(True, time.monotonic() - t0)(attempt)
     except ProviderError as e:
         e.attempts = n; raise
     return c, n - 1
