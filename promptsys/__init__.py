@@ -11,6 +11,9 @@ _LAZY = {
     "ProviderError": "errors", "BudgetExceeded": "errors", "CircuitOpen": "errors", "PromptNotFound": "errors",
     "ConfigError": "errors", "TemplateError": "errors",
     "make_provider": "providers", "Request": "providers", "Completion": "providers",
+    "evaluate": "eval", "compare": "eval", "load_dataset": "eval",
+    "gate": "promote", "promote": "promote", "rollback": "promote", "stage": "promote", "history": "promote",
+    "record_feedback": "monitor", "summary": "monitor",
 }
 
 def __getattr__(name):

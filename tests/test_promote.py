@@ -103,6 +103,14 @@ def test_promotion_lifecycle(env):
     assert {l["label"]: l["delta"] for l in imp.per_label} == {"positive": 0.0, "negative": 1.0, "neutral": 1.0}
     assert imp.projection["daily_calls"] == 12 and imp.projection["candidate_cost_per_call_usd"] < imp.projection["baseline_cost_per_call_usd"]
 
+    # the other gate checks refuse too, each with its reason: a cost rise, a p95 latency rise
+    strict = load_settings(ROOT / "settings.ini", overrides={**env["ov"], "gate.max_cost_increase": "-0.5",
+                                                              "gate.max_p95_latency_increase": "-1"}, env={})
+    sd = pp.gate("reviews", 1, settings=strict)
+    assert not sd.passed
+    assert any(r.startswith("✗ cost per call") for r in sd.reasons) and any(r.startswith("✓ McNemar") for r in sd.reasons)
+    assert any(r.startswith(("✗ p95 latency", "✓ p95 latency")) and "noise" in r for r in sd.reasons)
+
     # 3. promote for real: production v1, previous v2
     pr = pp.promote("reviews", settings=s, reason="v1 wins", user="bob")
     assert pr.moved and alias_version(env, "production") == 1 and alias_version(env, "previous") == 2
