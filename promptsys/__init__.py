@@ -12,9 +12,11 @@ _LAZY = {
     "ConfigError": "errors", "TemplateError": "errors",
     "make_provider": "providers", "Request": "providers", "Completion": "providers",
     "evaluate": "eval", "compare": "eval", "load_dataset": "eval",
-    "gate": "promote", "promote": "promote", "rollback": "promote", "stage": "promote", "history": "promote",
+    "gate": "promote", "rollback": "promote", "stage": "promote", "history": "promote",
     "record_feedback": "monitor", "summary": "monitor",
 }
+
+# (No top-level `promote` function: `promptsys.promote` is the module. Use `promptsys.promote.promote(...)`.)
 
 def __getattr__(name):
     if name in _LAZY:
