@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_providers.ipynb #c003
 from __future__ import annotations
-import asyncio, email.utils, hashlib, json, os, threading, time
+import asyncio, atexit, email.utils, hashlib, json, os, threading, time, weakref
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import httpx
@@ -114,12 +114,25 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         except aiohttp.ClientError as e: raise httpx.ReadError(str(e), request=request) from None
     async def aclose(self):
         if self._session is not None: await self._session.close()
+    def close_now(self):
+        "Close without awaiting — for a session whose event loop is already gone (a finished `asyncio.run`)."
+        s, self._session = self._session, None
+        if s is None or s.closed: return
+        try: s._connector._close()          # aiohttp's synchronous close of the pooled sockets
+        except Exception: pass
+        s._connector = None                 # marks the session closed: no "Unclosed client session" at exit
+    __del__ = close_now                     # a provider dropped without close() still releases its sockets quietly
+
+_transports = weakref.WeakSet()
+atexit.register(lambda: [t.close_now() for t in list(_transports)])
 
 def _async_transport(limits:httpx.Limits):
     "aiohttp under httpx when it is installed (much cheaper per call at high concurrency), else httpx's own."
     try: import aiohttp  # noqa: F401
     except ImportError: return None
-    return AiohttpTransport(limits.max_connections or 100)
+    t = AiohttpTransport(limits.max_connections or 100)
+    _transports.add(t)
+    return t
 
 class HTTPProvider(Provider):
     "Shared plumbing of the HTTP providers: pooled clients, timeouts, typed errors."
@@ -152,6 +165,8 @@ class HTTPProvider(Provider):
         "The async client of the running event loop (a client's connections belong to the loop that made them)."
         loop = asyncio.get_running_loop()
         if self._aclient is None or self._aloop is not loop:
+            old = getattr(self._aclient, "_transport", None)
+            if isinstance(old, AiohttpTransport): old.close_now()   # its loop has ended
             self._aclient = httpx.AsyncClient(timeout=self.timeout, limits=self.limits, headers=self._headers(),
                                               transport=_async_transport(self.limits))
             self._aloop = loop
