@@ -18,6 +18,7 @@ from promptsys.prompts import load_task
 from promptsys.pipeline import Pipeline
 from promptsys import eval as pe, promote as pp
 from tests.fakeserver import start_server, stop_server, stats, control
+from tests.test_eval import _overrides as eval_overrides
 
 TEXTS = {"positive": ["I love it", "Great value", "Excellent work", "Perfect fit"],
          "negative": ["It broke", "Terrible smell", "I want a refund", "Worst ever"],
@@ -36,13 +37,7 @@ def toy_task(prompts: Path):
 
 
 def _overrides(tmp: Path, url: str) -> dict:
-    return {"promptsys.prompts_dir": str(tmp / "prompts"), "promptsys.state_dir": str(tmp / "state"),
-            "promptsys.records": "none", "cache.dir": str(tmp / "cache"),
-            "mlflow.tracking_uri": f"sqlite:///{tmp}/mlflow.db", "mlflow.experiment_prefix": "t",
-            "model.provider": "openai", "openai.base_url": url + "/v1", "openai.api_key_env": "",
-            "openai.model": "gpt-4o-mini", "breaker.shared": "false", "retry.max_attempts": "2",
-            "retry.initial_wait": "0.01", "monitor.enabled": "false", "eval.runs_dir": str(tmp / "runs"),
-            "gate.max_cost_increase": "0.5", "mlflow.alias_cache_seconds": "0",
+    return {**eval_overrides(tmp, url), "gate.max_cost_increase": "0.5", "mlflow.alias_cache_seconds": "0",
             # the fake server answers in ~1 ms: p95 over 12 calls is pure scheduler noise on a loaded machine
             "gate.max_p95_latency_increase": "100"}
 
