@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_pipeline.ipynb #c003
 from __future__ import annotations
-import asyncio, hashlib, json, logging, os, time, threading
+import hashlib, json, logging, os, time, threading
 from dataclasses import dataclass, field, asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -216,8 +216,7 @@ Pipeline._from_cache = _from_cache
 # %% ../nbs/11_pipeline.ipynb #c014
 def _parse(self:Pipeline, c:Completion) -> dict:
     out = parse_output(c.text, self.task.output)
-    floor = self.settings.model.cascade_min_confidence
-    if self._cascade and floor and out.get("confidence", 1.0) < floor:
+    if self._cascade and (floor := self.settings.model.cascade_min_confidence) and out.get("confidence", 1.0) < floor:
         raise OutputValidationError(f"confidence {out['confidence']} is below the cascade threshold {floor}")
     return out
 Pipeline._parse = _parse
@@ -381,6 +380,7 @@ Pipeline.run_batch = run_batch
 async def arun_batch(self:Pipeline, inputs:list, concurrency:int=32, progress:bool=True, cache:bool=True) -> list[Result]:
     "Async `run_batch`: at most `concurrency` calls in flight."
     from tqdm import tqdm
+    import asyncio
     sem = asyncio.Semaphore(max(1, concurrency))
     bar = tqdm(total=len(inputs), disable=not progress, desc=f"{self.task.name} {self.prompt.name}")
     async def one(x):

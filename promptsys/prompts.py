@@ -39,23 +39,24 @@ class PromptVersion:
         "The variables the template names, in order of first use."
         return tuple(dict.fromkeys(VAR.findall(self.template)))
     @cached_property
-    def _parts(self) -> list[str]:
-        "The template split into literal text (even indexes) and variable names (odd indexes)."
-        return VAR.split(self.template)
+    def _format(self) -> str:
+        "The template as a `str.format` pattern: literal braces doubled, `{{var}}` → `{var}` (built once)."
+        parts = VAR.split(self.template)   # literal text at even indexes, variable names at odd ones
+        return "".join(p.replace("{", "{{").replace("}", "}}") if i % 2 == 0 else "{" + p + "}"
+                       for i, p in enumerate(parts))
     @property
     def name(self) -> str: return f"v{self.number}" + (f"_{self.slug}" if self.slug else "")
     def render(self, **values) -> str:
         "The template with every `{{variable}}` replaced; missing or unknown variables are a `TemplateError`."
         names = self.variables
-        if len(values) != len(names) or any(v not in values for v in names):
+        if len(values) != len(names) or not all(v in values for v in names):
             missing = [v for v in names if v not in values]
             if missing: raise TemplateError(f"{self.task} {self.name}: missing variable(s) {', '.join(missing)}",
                                             f"Pass {', '.join(missing)}; the template uses {', '.join(names)}.")
             unknown = [v for v in values if v not in names]
             raise TemplateError(f"{self.task} {self.name}: unknown variable(s) {', '.join(unknown)}",
                                 f"The template only uses {', '.join(names) or 'no variables'}.")
-        parts = self._parts
-        return "".join(p if i % 2 == 0 else str(values[p]) for i, p in enumerate(parts))
+        return self._format.format_map(values)   # one pass: braces inside the values are never expanded
     def __repr__(self): return f"PromptVersion({self.task} {self.name}, hash={self.hash})"
 
 # %% ../nbs/02_prompts.ipynb #c010

@@ -4,7 +4,8 @@
 
 # %% ../nbs/04_providers.ipynb #c003
 from __future__ import annotations
-import asyncio, atexit, email.utils, hashlib, json, os, threading, time, weakref
+import atexit, email.utils, hashlib, json, os, threading, time, weakref   # asyncio: imported inside the async code (it is
+                                                                           # loaded anyway when a loop runs; a sync service skips ~30 ms)
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import httpx
@@ -54,7 +55,9 @@ class Provider:
     model = ""
     endpoint = ""
     def complete(self, req:Request) -> Completion: raise NotImplementedError
-    async def acomplete(self, req:Request) -> Completion: return await asyncio.to_thread(self.complete, req)
+    async def acomplete(self, req:Request) -> Completion:
+        import asyncio
+        return await asyncio.to_thread(self.complete, req)
     def count_tokens(self, text:str) -> int:
         "Estimated tokens of `text` before a call: ~4 characters a token (OpenAI's rule of thumb for English)."
         return max(1, (len(text) + 3) // 4)
@@ -109,7 +112,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                                              timeout=timeout, allow_redirects=False) as r:
                 body = await r.read()
                 return httpx.Response(r.status, headers=list(r.raw_headers), content=body, request=request)
-        except asyncio.TimeoutError as e: raise httpx.ReadTimeout(str(e) or "timed out", request=request) from None
+        except TimeoutError as e: raise httpx.ReadTimeout(str(e) or "timed out", request=request) from None
         except aiohttp.ClientConnectorError as e: raise httpx.ConnectError(str(e), request=request) from None
         except aiohttp.ClientError as e: raise httpx.ReadError(str(e), request=request) from None
     async def aclose(self):
@@ -163,6 +166,7 @@ class HTTPProvider(Provider):
     @property
     def aclient(self) -> httpx.AsyncClient:
         "The async client of the running event loop (a client's connections belong to the loop that made them)."
+        import asyncio
         loop = asyncio.get_running_loop()
         if self._aclient is None or self._aloop is not loop:
             old = getattr(self._aclient, "_transport", None)

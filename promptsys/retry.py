@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_retry.ipynb #c003
 from __future__ import annotations
-import asyncio, threading, time
+import threading, time
 from .errors import ProviderError, CircuitOpen, RateLimited
 
 # %% auto #0
@@ -131,6 +131,7 @@ class RateLimiter:
         while (d := self._delay(tokens)) > 0: time.sleep(d)
     async def aacquire(self, tokens:int=0):
         if self.req is None and self.tok is None and self.blocked_until == 0.0: return
+        import asyncio
         while (d := self._delay(tokens)) > 0: await asyncio.sleep(d)
     def penalize(self, seconds:float|None=None):
         "After a 429: hold every call to this endpoint for `seconds` (default `backoff_on_429`)."

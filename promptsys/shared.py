@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_shared.ipynb #c003
 from __future__ import annotations
-import asyncio, json, logging, os, re, threading, time
+import json, logging, os, re, threading, time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from .errors import BudgetExceeded, ConfigError
@@ -465,6 +465,7 @@ class RedisRateLimiter:
         while (d := self._delay(tokens)) is not None and d > 0: time.sleep(d)
         if d is None: self.local.acquire(tokens)
     async def aacquire(self, tokens:int=0):
+        import asyncio
         while (d := self._delay(tokens)) is not None and d > 0: await asyncio.sleep(d)
         if d is None: await self.local.aacquire(tokens)
     def penalize(self, seconds:float|None=None):
