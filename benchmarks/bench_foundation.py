@@ -35,7 +35,7 @@ def bench_imports():
             ("from promptsys import Pipeline / import httpx", m["Pipeline"], m["httpx"], 1.8)]
 
 
-def bench_local(n: int = 30):
+def bench_local(n: int = 40):
     from promptsys.local import LocalProvider
     from promptsys.providers import Request
     from promptsys.prompts import load_task
@@ -49,9 +49,9 @@ def bench_local(n: int = 30):
     ours = lambda: prov.complete(req)
     a, b = [], []
     for f in (direct, ours): f()                                  # warm up
-    for _ in range(n):
-        t = time.perf_counter(); direct(); a.append(time.perf_counter() - t)
-        t = time.perf_counter(); ours(); b.append(time.perf_counter() - t)
+    for i in range(n):                                            # alternate who goes first (no order bias)
+        for f, out in ((direct, a), (ours, b)) if i % 2 == 0 else ((ours, b), (direct, a)):
+            t = time.perf_counter(); f(); out.append(time.perf_counter() - t)
     lp = LocalProvider(decoding="logprob"); lp.complete(req)
     c = []
     for _ in range(n):
