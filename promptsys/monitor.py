@@ -457,12 +457,12 @@ def evaluate_alerts(settings:Settings|str|Path|None=None, hours:float|None=None,
 
 def budget_status(settings:Settings|str|Path|None=None, tasks:list=()) -> list[dict]:
     "Spent vs limit of every configured budget (global, and of `tasks`)."
-    from promptsys.cost import Budget
+    from promptsys.shared import budget_for   # the embedded Budget, or the Redis one when [redis] use says so
     from promptsys.prompts import load_task
     s = _settings(settings)
-    budgets = [Budget.from_settings(s)]
+    budgets = [budget_for(s)]
     for t in tasks:
-        try: budgets.append(Budget.from_settings(s, load_task(t, s.promptsys.prompts_dir)))
+        try: budgets.append(budget_for(s, load_task(t, s.promptsys.prompts_dir)))
         except PromptsysError: pass
     out, seen = [], set()
     for b in budgets:
