@@ -355,10 +355,13 @@ async def arun(self:Pipeline, value, *, cache:bool=True, request_id:str|None=Non
 Pipeline.arun = arun
 
 # %% ../nbs/11_pipeline.ipynb #c020
+def _error_result(self:Pipeline, e:PromptsysError) -> Result:
+    "A batch item that failed: its typed error in place of an output."
+    return Result(None, "", self.task.name, self.prompt.number, self.prompt.hash, error=e.to_dict(), timestamp=time.time())
+
 def _safe(self:Pipeline, call, *a, **kw):
     try: return call(*a, **kw)
-    except PromptsysError as e:
-        return Result(None, "", self.task.name, self.prompt.number, self.prompt.hash, error=e.to_dict(), timestamp=time.time())
+    except PromptsysError as e: return _error_result(self, e)
 
 def run_batch(self:Pipeline, inputs:list, # Input texts (or dicts of variables)
               concurrency:int=4, # Calls in flight at once
@@ -386,8 +389,7 @@ async def arun_batch(self:Pipeline, inputs:list, concurrency:int=32, progress:bo
     async def one(x):
         async with sem:
             try: return await self.arun(x, cache=cache)
-            except PromptsysError as e:
-                return Result(None, "", self.task.name, self.prompt.number, self.prompt.hash, error=e.to_dict(), timestamp=time.time())
+            except PromptsysError as e: return _error_result(self, e)
             finally: bar.update()
     try: return list(await asyncio.gather(*(one(x) for x in inputs)))
     finally: bar.close()
