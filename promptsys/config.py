@@ -12,7 +12,7 @@ from .errors import ConfigError
 __all__ = ['SCHEMA', 'FREE_SECTIONS', 'UNDER_STATE_DIR', 'ENV_PREFIX', 'Section', 'Settings', 'find_settings_file',
            'load_settings', 'get_settings']
 
-# %% ../nbs/01_config.ipynb #c005
+# %% ../nbs/01_config.ipynb #c006
 SCHEMA: dict[str, dict[str, tuple]] = {
     "promptsys": dict(prompts_dir=("path", "prompts"), state_dir=("path", ".promptsys"),
                       mode=(("strict", "service"), "strict"), log_level=("str", "WARNING"),
@@ -68,7 +68,7 @@ UNDER_STATE_DIR = {("promptsys", "records_path"): "records.jsonl", ("cache", "di
                    ("replay", "cassette"): "cassettes/default.json", ("monitor", "db_path"): "metrics.db"}
 ENV_PREFIX = "PROMPTSYS_"
 
-# %% ../nbs/01_config.ipynb #c007
+# %% ../nbs/01_config.ipynb #c011
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 def _convert(section:str, key:str, kind, raw, base:Path, source:str):
@@ -95,13 +95,15 @@ def _convert(section:str, key:str, kind, raw, base:Path, source:str):
         raise ConfigError(f"bad value {where}: {e}", section=section, key=key) from None
     raise ConfigError(f"schema error for {where}")
 
-# %% ../nbs/01_config.ipynb #c009
+# %% ../nbs/01_config.ipynb #c015
 class Section(dict):
     "One settings section: a dict with attribute access (read it, don't mutate it)."
     def __getattr__(self, k):
         try: return self[k]
-        except KeyError: raise AttributeError(f"no setting {k!r} in this section; known: {', '.join(self)}") from None
+        except KeyError:
+            raise AttributeError(f"no setting {k!r} in this section; known: {', '.join(self)}") from None
 
+# %% ../nbs/01_config.ipynb #c018
 class Settings:
     "All settings, by section: `settings.cache.ttl_seconds`. `settings.path` is the file they came from."
     def __init__(self, sections:dict, path:Path|None, base:Path):
@@ -118,7 +120,7 @@ class Settings:
     def as_dict(self): return {s: dict(v) for s, v in self._sections.items()}
     def __repr__(self): return f"Settings(path={str(self.path) if self.path else None!r})"
 
-# %% ../nbs/01_config.ipynb #c011
+# %% ../nbs/01_config.ipynb #c022
 def find_settings_file(start:Path|None=None) -> Path|None:
     "The settings file promptsys would use from `start` (default: the working directory)."
     if env := os.environ.get("PROMPTSYS_SETTINGS"): return Path(env)
@@ -128,34 +130,35 @@ def find_settings_file(start:Path|None=None) -> Path|None:
         if f.is_file() and "[promptsys]" in f.read_text(errors="ignore"): return f
     return None
 
-# %% ../nbs/01_config.ipynb #c012
-def load_settings(path:str|Path|None=None, # A settings file; default: see `find_settings_file`
-                  overrides:dict|None=None, # {"section.key": value} applied last
-                  env:dict|None=None # Environment to read PROMPTSYS_* from (default os.environ)
-                 ) -> Settings:
-    "Load settings: schema defaults ← file ← `PROMPTSYS_SECTION__KEY` env ← `overrides`."
-    path = Path(path) if path else find_settings_file()
-    if path is not None and not Path(path).is_file():
-        raise ConfigError(f"settings file {str(path)!r} does not exist", "Pass an existing file or unset PROMPTSYS_SETTINGS.")
-    base = Path(path).resolve().parent if path else Path.cwd()
-    raw: dict[str, dict[str, tuple[str, str]]] = {s: {} for s in SCHEMA}
-    if path:
-        cp = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
-        cp.optionxform = str
-        try: cp.read(path, encoding="utf-8")
-        except configparser.Error as e: raise ConfigError(f"cannot parse {path}: {e}") from None
-        for s in cp.sections():
-            if s not in SCHEMA: raise ConfigError(f"unknown section [{s}] in {path}; known: {', '.join(SCHEMA)}")
-            for k, v in cp[s].items(): raw[s][k] = (v, str(path))
-    for name, v in (os.environ if env is None else env).items():
+# %% ../nbs/01_config.ipynb #c026
+def _read_file(path:Path, raw:dict):
+    "Add the settings file's values to `raw` (section -> key -> (value, source))."
+    cp = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+    cp.optionxform = str
+    try: cp.read(path, encoding="utf-8")
+    except configparser.Error as e: raise ConfigError(f"cannot parse {path}: {e}") from None
+    for s in cp.sections():
+        if s not in SCHEMA: raise ConfigError(f"unknown section [{s}] in {path}; known: {', '.join(SCHEMA)}")
+        for k, v in cp[s].items(): raw[s][k] = (v, str(path))
+
+def _read_env(env:dict, raw:dict):
+    "Add `PROMPTSYS_<SECTION>__<KEY>` variables of `env` to `raw`."
+    for name, v in env.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name: continue
         s, _, k = name[len(ENV_PREFIX):].lower().partition("__")
         if s not in SCHEMA: raise ConfigError(f"environment variable {name} names unknown section [{s}]")
         raw[s][k] = (v, f"${name}")
-    for dotted, v in (overrides or {}).items():
+
+def _read_overrides(overrides:dict, raw:dict):
+    "Add `{'section.key': value}` overrides to `raw`."
+    for dotted, v in overrides.items():
         s, _, k = dotted.partition(".")
         if s not in SCHEMA: raise ConfigError(f"override {dotted!r} names unknown section [{s}]")
         raw[s][k] = (v, "argument")
+
+# %% ../nbs/01_config.ipynb #c030
+def _typed_sections(raw:dict, base:Path) -> dict[str, Section]:
+    "The sections of `raw`, every schema key converted (or defaulted), empty state paths filled in."
     sections = {}
     for s, keys in SCHEMA.items():
         vals = {}
@@ -164,14 +167,32 @@ def load_settings(path:str|Path|None=None, # A settings file; default: see `find
             vals[k] = _convert(s, k, kind, val, base, src)
         if raw[s] and s not in FREE_SECTIONS:
             k, (v, src) = next(iter(raw[s].items()))
-            raise ConfigError(f"unknown key [{s}] {k} (from {src}); known keys: {', '.join(keys)}", section=s, key=k)
+            raise ConfigError(f"unknown key [{s}] {k} (from {src}); known keys: {', '.join(keys)}",
+                              section=s, key=k)
         vals.update({k: v for k, (v, _) in raw[s].items()})
         sections[s] = Section(vals)
     for (sec, key), sub in UNDER_STATE_DIR.items():
         if sections[sec][key] is None: sections[sec][key] = Path(sections["promptsys"]["state_dir"]) / sub
-    return Settings(sections, Path(path).resolve() if path else None, base)
+    return sections
 
-# %% ../nbs/01_config.ipynb #c014
+# %% ../nbs/01_config.ipynb #c034
+def load_settings(path:str|Path|None=None, # A settings file; default: see `find_settings_file`
+                  overrides:dict|None=None, # {"section.key": value} applied last
+                  env:dict|None=None # Environment to read PROMPTSYS_* from (default os.environ)
+                 ) -> Settings:
+    "Load settings: schema defaults ← file ← `PROMPTSYS_SECTION__KEY` env ← `overrides`."
+    path = Path(path) if path else find_settings_file()
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"settings file {str(path)!r} does not exist",
+                          "Pass an existing file or unset PROMPTSYS_SETTINGS.")
+    base = Path(path).resolve().parent if path else Path.cwd()
+    raw: dict[str, dict[str, tuple[str, str]]] = {s: {} for s in SCHEMA}
+    if path: _read_file(path, raw)
+    _read_env(os.environ if env is None else env, raw)
+    _read_overrides(overrides or {}, raw)
+    return Settings(_typed_sections(raw, base), Path(path).resolve() if path else None, base)
+
+# %% ../nbs/01_config.ipynb #c047
 _default: Settings|None = None
 
 def get_settings(reload:bool=False) -> Settings:

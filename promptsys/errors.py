@@ -7,11 +7,38 @@ from __future__ import annotations
 import os, re
 
 # %% auto #0
-__all__ = ['PromptsysError', 'ConfigError', 'PromptNotFound', 'TemplateError', 'InputValidationError', 'OutputValidationError',
-           'ProviderError', 'ProviderTimeout', 'RateLimited', 'CircuitOpen', 'BudgetExceeded', 'CassetteMiss',
-           'DatasetError', 'GateFailed', 'TrackingError', 'register_secret', 'redact']
+__all__ = ['register_secret', 'redact', 'PromptsysError', 'ConfigError', 'PromptNotFound', 'TemplateError',
+           'InputValidationError', 'OutputValidationError', 'ProviderError', 'ProviderTimeout', 'RateLimited',
+           'CircuitOpen', 'BudgetExceeded', 'CassetteMiss', 'DatasetError', 'GateFailed', 'TrackingError']
 
-# %% ../nbs/00_errors.ipynb #c004
+# %% ../nbs/00_errors.ipynb #c006
+_SECRET_NAME = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD)", re.I)
+_registered: set[str] = set()
+
+def register_secret(value:str|None): # A secret value (e.g. an API key read from the environment)
+    "Make `redact` hide `value` from now on."
+    if value and len(value) >= 4: _registered.add(value)
+
+def _secrets() -> frozenset:
+    "The values to hide: secret-looking environment variables and registered values."
+    env = {v for k, v in os.environ.items() if _SECRET_NAME.search(k) and v and len(v) >= 4}
+    return frozenset(env | _registered)
+
+# %% ../nbs/00_errors.ipynb #c010
+_pattern_cache: tuple[frozenset, re.Pattern|None] = (frozenset(), None)
+
+def redact(text:str) -> str:
+    "Replace every known secret in `text` with `***`."
+    global _pattern_cache
+    if not text: return text
+    secrets = _secrets()
+    if not secrets: return text
+    if secrets != _pattern_cache[0]:
+        alternatives = "|".join(re.escape(s) for s in sorted(secrets, key=len, reverse=True))
+        _pattern_cache = (secrets, re.compile(alternatives))
+    return _pattern_cache[1].sub("***", text)
+
+# %% ../nbs/00_errors.ipynb #c014
 class PromptsysError(Exception):
     "Base of every promptsys error: a message plus a `hint` saying what to do."
     hint = ""
@@ -26,7 +53,7 @@ class PromptsysError(Exception):
         "The error as a JSON-friendly record: type, message, hint."
         return dict(type=type(self).__name__, message=self.message, hint=self.hint)
 
-# %% ../nbs/00_errors.ipynb #c006
+# %% ../nbs/00_errors.ipynb #c018
 class ConfigError(PromptsysError):
     "A setting is missing, unknown or has a bad value."
     hint = "Fix the key in settings.ini or the PROMPTSYS_<SECTION>__<KEY> environment variable."
@@ -45,8 +72,10 @@ class InputValidationError(PromptsysError):
 
 class OutputValidationError(PromptsysError):
     "The model's answer could not be parsed or does not match the task's output schema."
-    hint = "Constrain the model (grammar / JSON schema), make the format clearer in the prompt, or add a fallback."
+    hint = ("Constrain the model (grammar / JSON schema), make the format clearer in the prompt, "
+            "or add a fallback.")
 
+# %% ../nbs/00_errors.ipynb #c023
 class ProviderError(PromptsysError):
     "A model provider failed. `retryable` says whether trying again can help."
     hint = "Check the provider's URL, model name and API key in settings.ini."
@@ -67,6 +96,7 @@ class CircuitOpen(ProviderError):
     "The endpoint's circuit breaker is open: calls are refused until it has recovered."
     hint = "Wait for the breaker's reset timeout, or configure a fallback model in [model] fallbacks."
 
+# %% ../nbs/00_errors.ipynb #c028
 class BudgetExceeded(PromptsysError):
     "A call would exceed a configured budget."
     hint = "Raise the budget in [budget], wait for the daily reset, or set on_exceed = downgrade."
@@ -86,26 +116,3 @@ class GateFailed(PromptsysError):
 class TrackingError(PromptsysError):
     "MLflow tracking or the prompt registry failed."
     hint = "Check [mlflow] tracking_uri; run `promptsys ui` to inspect the store."
-
-# %% ../nbs/00_errors.ipynb #c008
-_SECRET_NAME = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD)", re.I)
-_registered: set[str] = set()
-_pattern_cache: tuple[frozenset, re.Pattern|None] = (frozenset(), None)
-
-def register_secret(value:str|None): # A secret value (e.g. an API key read from the environment)
-    "Make `redact` hide `value` from now on."
-    if value and len(value) >= 4: _registered.add(value)
-
-def _secrets() -> frozenset:
-    env = {v for k, v in os.environ.items() if _SECRET_NAME.search(k) and v and len(v) >= 4}
-    return frozenset(env | _registered)
-
-def redact(text:str) -> str:
-    "Replace every known secret in `text` with `***`."
-    global _pattern_cache
-    if not text: return text
-    secrets = _secrets()
-    if not secrets: return text
-    if secrets != _pattern_cache[0]:
-        _pattern_cache = (secrets, re.compile("|".join(re.escape(s) for s in sorted(secrets, key=len, reverse=True))))
-    return _pattern_cache[1].sub("***", text)

@@ -8,13 +8,14 @@ import hashlib, re, tomllib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from fastcore.basics import patch
 from .errors import PromptNotFound, TemplateError, ConfigError
 
 # %% auto #0
 __all__ = ['VAR', 'VERSION_FILE', 'content_hash', 'PromptVersion', 'OutputSchema', 'InputLimits', 'Task', 'load_task',
            'list_tasks']
 
-# %% ../nbs/02_prompts.ipynb #c004
+# %% ../nbs/02_prompts.ipynb #c006
 VAR = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 VERSION_FILE = re.compile(r"^v(\d+)(?:_([A-Za-z0-9_-]+))?\.txt$")
 
@@ -22,7 +23,7 @@ def content_hash(text:str) -> str:
     "A short, stable content hash (sha256, 16 hex digits) of a template, line endings normalised."
     return hashlib.sha256(text.replace("\r\n", "\n").encode()).hexdigest()[:16]
 
-# %% ../nbs/02_prompts.ipynb #c006
+# %% ../nbs/02_prompts.ipynb #c010
 @dataclass(frozen=True)
 class PromptVersion:
     "One version of a task's prompt: its number, slug, template text and content hash."
@@ -46,20 +47,23 @@ class PromptVersion:
                        for i, p in enumerate(parts))
     @property
     def name(self) -> str: return f"v{self.number}" + (f"_{self.slug}" if self.slug else "")
-    def render(self, **values) -> str:
-        "The template with every `{{variable}}` replaced; missing or unknown variables are a `TemplateError`."
-        names = self.variables
-        if len(values) != len(names) or not all(v in values for v in names):
-            missing = [v for v in names if v not in values]
-            if missing: raise TemplateError(f"{self.task} {self.name}: missing variable(s) {', '.join(missing)}",
-                                            f"Pass {', '.join(missing)}; the template uses {', '.join(names)}.")
-            unknown = [v for v in values if v not in names]
-            raise TemplateError(f"{self.task} {self.name}: unknown variable(s) {', '.join(unknown)}",
-                                f"The template only uses {', '.join(names) or 'no variables'}.")
-        return self._format.format_map(values)   # one pass: braces inside the values are never expanded
     def __repr__(self): return f"PromptVersion({self.task} {self.name}, hash={self.hash})"
 
-# %% ../nbs/02_prompts.ipynb #c010
+# %% ../nbs/02_prompts.ipynb #c014
+@patch
+def render(self:PromptVersion, **values) -> str:
+    "The template with every `{{variable}}` replaced; missing or unknown variables are a `TemplateError`."
+    names = self.variables
+    if len(values) != len(names) or not all(v in values for v in names):
+        missing = [v for v in names if v not in values]
+        if missing: raise TemplateError(f"{self.task} {self.name}: missing variable(s) {', '.join(missing)}",
+                                        f"Pass {', '.join(missing)}; the template uses {', '.join(names)}.")
+        unknown = [v for v in values if v not in names]
+        raise TemplateError(f"{self.task} {self.name}: unknown variable(s) {', '.join(unknown)}",
+                            f"The template only uses {', '.join(names) or 'no variables'}.")
+    return self._format.format_map(values)   # one pass: braces inside the values are never expanded
+
+# %% ../nbs/02_prompts.ipynb #c018
 @dataclass
 class OutputSchema:
     "What a valid answer looks like."
@@ -67,14 +71,18 @@ class OutputSchema:
     field: str = "label"             # the label's field name in the parsed output
     labels: tuple[str, ...] = ()     # allowed values; empty = free text
     confidence: bool = False         # must the output carry a confidence in [0, 1]?
+    def __hash__(self): return hash((self.kind, self.field, self.labels, self.confidence))
     @classmethod
     def from_dict(cls, d:dict, where:str):
+        "The schema of a task file's `[output]` table; `where` names the file in errors."
         kind = d.get("kind", "label")
-        if kind not in ("label", "json"): raise ConfigError(f"{where}: [output] kind must be 'label' or 'json', not {kind!r}")
+        if kind not in ("label", "json"):
+            raise ConfigError(f"{where}: [output] kind must be 'label' or 'json', not {kind!r}")
         labels = tuple(d.get("labels", ()))
         if kind == "label" and not labels: raise ConfigError(f"{where}: a label task needs [output] labels")
         return cls(kind, d.get("field", "label"), labels, bool(d.get("confidence", False)))
 
+# %% ../nbs/02_prompts.ipynb #c022
 @dataclass
 class InputLimits:
     "How user input is checked before it reaches a model."
@@ -84,7 +92,7 @@ class InputLimits:
     on_too_long: str = "reject"      # "reject" | "truncate"
     control_chars: str = "strip"     # "strip" | "reject"
 
-# %% ../nbs/02_prompts.ipynb #c011
+# %% ../nbs/02_prompts.ipynb #c026
 @dataclass
 class Task:
     "A prompt task: its folder, schema, limits, defaults and versions."
@@ -98,44 +106,40 @@ class Task:
     fallback: dict|None = None
     versions: dict[int, PromptVersion] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
-
-    def version(self, spec:int|str="latest") -> PromptVersion:
-        "A version by number (`2`, `'2'`, `'v2'`) or `'latest'`."
-        if not self.versions: raise PromptNotFound(f"task {self.name!r} has no versions in {self.dir}",
-                                                   "Add a template file named v1_<slug>.txt.")
-        if spec in (None, "latest"): return self.versions[max(self.versions)]
-        s = str(spec).lower().removeprefix("v")
-        if not s.isdigit():
-            raise PromptNotFound(f"{self.name}: {spec!r} is not a version number",
-                                 "Use a number, 'latest', or an alias such as 'production' (resolved through MLflow).")
-        n = int(s)
-        if n not in self.versions:
-            raise PromptNotFound(f"{self.name}: no version {n}; versions are {', '.join(f'v{k}' for k in sorted(self.versions))}")
-        return self.versions[n]
     @property
     def latest(self) -> PromptVersion: return self.version("latest")
-    def __repr__(self): return f"Task({self.name!r}, versions={sorted(self.versions)}, output={self.output.kind}:{list(self.output.labels)})"
+    def __repr__(self):
+        labels = list(self.output.labels)
+        return f"Task({self.name!r}, versions={sorted(self.versions)}, output={self.output.kind}:{labels})"
 
-# %% ../nbs/02_prompts.ipynb #c013
-def load_task(name:str, # The task's folder name
-              prompts_dir:str|Path|None=None # Folder holding tasks (default: settings' prompts_dir)
-             ) -> Task:
-    "Load the task `name` from `prompts_dir/name/`."
+# %% ../nbs/02_prompts.ipynb #c028
+@patch
+def version(self:Task, spec:int|str="latest") -> PromptVersion:
+    "A version by number (`2`, `'2'`, `'v2'`) or `'latest'`."
+    if not self.versions: raise PromptNotFound(f"task {self.name!r} has no versions in {self.dir}",
+                                               "Add a template file named v1_<slug>.txt.")
+    if spec in (None, "latest"): return self.versions[max(self.versions)]
+    s = str(spec).lower().removeprefix("v")
+    if not s.isdigit():
+        raise PromptNotFound(f"{self.name}: {spec!r} is not a version number",
+                             "Use a number, 'latest', or an alias such as 'production' (resolved through MLflow).")
+    n = int(s)
+    if n not in self.versions:
+        have = ", ".join(f"v{k}" for k in sorted(self.versions))
+        raise PromptNotFound(f"{self.name}: no version {n}; versions are {have}")
+    return self.versions[n]
+
+# %% ../nbs/02_prompts.ipynb #c032
+def _prompts_dir(prompts_dir:str|Path|None) -> Path:
+    "`prompts_dir`, or the settings' `[promptsys] prompts_dir` when it is None."
     if prompts_dir is None:
         from promptsys.config import get_settings
         prompts_dir = get_settings().promptsys.prompts_dir
-    d = Path(prompts_dir) / name
-    if not d.is_dir():
-        known = ", ".join(list_tasks(prompts_dir)) or "none"
-        raise PromptNotFound(f"no task {name!r} in {Path(prompts_dir).resolve()} (tasks: {known})")
-    cfg = {}
-    tf = d / "task.toml"
-    if tf.is_file():
-        try: cfg = tomllib.loads(tf.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e: raise ConfigError(f"{tf}: {e}", "Fix the TOML syntax of the task file.") from None
-    where = str(tf)
-    inp = {k: v for k, v in cfg.get("input", {}).items() if k in InputLimits.__dataclass_fields__}
-    notes = {int(str(k).lstrip("v")): v for k, v in cfg.get("versions", {}).items()}
+    return Path(prompts_dir)
+
+# %% ../nbs/02_prompts.ipynb #c035
+def _read_versions(d:Path, task:str, notes:dict) -> dict[int, PromptVersion]:
+    "The versions in folder `d`, by number, with their notes from `task.toml`."
     versions = {}
     for f in sorted(d.glob("v*.txt")):
         m = VERSION_FILE.match(f.name)
@@ -143,19 +147,37 @@ def load_task(name:str, # The task's folder name
         n = int(m.group(1))
         if n in versions: raise ConfigError(f"{d}: two files for version {n}: {versions[n].path.name} and {f.name}",
                                             "Keep one file per version number.")
-        text = f.read_text(encoding="utf-8").replace("\r\n", "\n").removesuffix("\n")  # a file's final newline is not part of the prompt
-        versions[n] = PromptVersion(name, n, m.group(2) or "", text, f, notes.get(n, ""))
+        text = f.read_text(encoding="utf-8").replace("\r\n", "\n").removesuffix("\n")
+        versions[n] = PromptVersion(task, n, m.group(2) or "", text, f, notes.get(n, ""))
+    return dict(sorted(versions.items()))
+
+# %% ../nbs/02_prompts.ipynb #c039
+def load_task(name:str, # The task's folder name
+              prompts_dir:str|Path|None=None # Folder holding tasks (default: settings' prompts_dir)
+             ) -> Task:
+    "Load the task `name` from `prompts_dir/name/`."
+    prompts_dir = _prompts_dir(prompts_dir)
+    d = prompts_dir / name
+    if not d.is_dir():
+        known = ", ".join(list_tasks(prompts_dir)) or "none"
+        raise PromptNotFound(f"no task {name!r} in {prompts_dir.resolve()} (tasks: {known})")
+    cfg = {}
+    tf = d / "task.toml"
+    if tf.is_file():
+        try: cfg = tomllib.loads(tf.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{tf}: {e}", "Fix the TOML syntax of the task file.") from None
+    inp = {k: v for k, v in cfg.get("input", {}).items() if k in InputLimits.__dataclass_fields__}
+    notes = {int(str(k).lstrip("v")): v for k, v in cfg.get("versions", {}).items()}
     ds = cfg.get("dataset", {}).get("path")
     return Task(name=cfg.get("name", name), dir=d, description=cfg.get("description", ""),
-                output=OutputSchema.from_dict(cfg.get("output", {}), where), input=InputLimits(**inp),
+                output=OutputSchema.from_dict(cfg.get("output", {}), str(tf)), input=InputLimits(**inp),
                 defaults=cfg.get("defaults", {}), dataset=(d / ds) if ds else None,
-                fallback=cfg.get("fallback"), versions=dict(sorted(versions.items())), config=cfg)
+                fallback=cfg.get("fallback"), versions=_read_versions(d, name, notes), config=cfg)
 
 def list_tasks(prompts_dir:str|Path|None=None) -> list[str]:
     "Names of the tasks in `prompts_dir` (folders holding at least one version file)."
-    if prompts_dir is None:
-        from promptsys.config import get_settings
-        prompts_dir = get_settings().promptsys.prompts_dir
-    p = Path(prompts_dir)
+    p = _prompts_dir(prompts_dir)
     if not p.is_dir(): return []
-    return sorted(d.name for d in p.iterdir() if d.is_dir() and any(VERSION_FILE.match(f.name) for f in d.glob("v*.txt")))
+    return sorted(d.name for d in p.iterdir()
+                  if d.is_dir() and any(VERSION_FILE.match(f.name) for f in d.glob("v*.txt")))

@@ -10,15 +10,11 @@ from .errors import InputValidationError, OutputValidationError
 from .prompts import InputLimits, OutputSchema
 
 # %% auto #0
-__all__ = ['CONTROL', 'FENCE', 'validate_input', 'output_model', 'parse_output', 'validate_output', 'json_schema', 'gbnf']
+__all__ = ['CONTROL', 'FENCE', 'validate_input', 'output_model', 'validate_output', 'parse_output', 'json_schema', 'gbnf']
 
-# %% ../nbs/03_validation.ipynb #c005
-CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ufeff]")
-
-def validate_input(value, # What the caller sent
-                   limits:InputLimits=InputLimits() # The task's input limits and policies
-                  ) -> str:
-    "Return `value` sanitised, or raise `InputValidationError` saying what is wrong and what to send."
+# %% ../nbs/03_validation.ipynb #c006
+def _as_text(value, limits:InputLimits) -> str:
+    "`value` as well-formed NFC text, or an `InputValidationError`."
     if isinstance(value, (bytes, bytearray)):
         try: value = bytes(value).decode("utf-8")
         except UnicodeDecodeError as e:
@@ -33,25 +29,35 @@ def validate_input(value, # What the caller sent
             raise InputValidationError(f"input has invalid unicode (a lone surrogate at position {e.start})",
                                        "Send well-formed text; fix the client's decoding.") from None
         if not unicodedata.is_normalized("NFC", value): value = unicodedata.normalize("NFC", value)
-    if CONTROL.search(value):
+    return value
+
+# %% ../nbs/03_validation.ipynb #c010
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ufeff]")
+
+def validate_input(value, # What the caller sent
+                   limits:InputLimits=InputLimits() # The task's input limits and policies
+                  ) -> str:
+    "Return `value` sanitised, or raise `InputValidationError` saying what is wrong and what to send."
+    value = _as_text(value, limits)
+    if m := CONTROL.search(value):
         if limits.control_chars == "reject":
-            m = CONTROL.search(value)
-            raise InputValidationError(f"input contains control character U+{ord(m.group()):04X} at position {m.start()}",
-                                       "Remove control characters, or set the task's [input] control_chars = \"strip\".")
+            raise InputValidationError(
+                f"input contains control character U+{ord(m.group()):04X} at position {m.start()}",
+                "Remove control characters, or set the task's [input] control_chars = \"strip\".")
         value = CONTROL.sub("", value)
     value = value.strip()
     n = len(value)
     if n < limits.min_chars:
-        raise InputValidationError(
-            "input is empty after sanitising" if n == 0 else f"input is too short: {n} characters, the minimum is {limits.min_chars}",
-            f"Send at least {limits.min_chars} visible character(s).")
+        raise InputValidationError("input is empty after sanitising" if n == 0 else
+                                   f"input is too short: {n} characters, the minimum is {limits.min_chars}",
+                                   f"Send at least {limits.min_chars} visible character(s).")
     if n > limits.max_chars:
         if limits.on_too_long == "truncate": return value[:limits.max_chars]
         raise InputValidationError(f"input is too long: {n} characters, the maximum is {limits.max_chars}",
                                    "Shorten the text, split it, or raise the task's [input] max_chars.")
     return value
 
-# %% ../nbs/03_validation.ipynb #c008
+# %% ../nbs/03_validation.ipynb #c014
 @lru_cache(maxsize=64)
 def output_model(schema:OutputSchema):
     "The pydantic model validating outputs of `schema` (built once per schema)."
@@ -62,13 +68,20 @@ def output_model(schema:OutputSchema):
     if schema.confidence: fields["confidence"] = (float, Field(ge=0.0, le=1.0))
     return create_model(f"Output_{schema.field}", __config__=ConfigDict(extra="allow"), **fields)
 
-# %% ../nbs/03_validation.ipynb #c010
-OutputSchema.__hash__ = lambda self: hash((self.kind, self.field, self.labels, self.confidence))
+# %% ../nbs/03_validation.ipynb #c018
+def validate_output(obj:dict, schema:OutputSchema) -> dict:
+    "Validate a parsed output with the schema's pydantic model."
+    from pydantic import ValidationError
+    try: return output_model(schema).model_validate(obj).model_dump()
+    except ValidationError as e:
+        errs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'output'}: {x['msg']}" for x in e.errors())
+        raise OutputValidationError(f"output does not match the schema: {errs}") from None
 
-# %% ../nbs/03_validation.ipynb #c012
+# %% ../nbs/03_validation.ipynb #c022
 FENCE = re.compile(r"```(?:json)?\s*(\{.*?\})\s*```", re.S)
 
 def _extract_json(raw:str):
+    "The JSON object in `raw`: the whole text, a fenced block, or the first balanced `{...}`; else None."
     s = raw.strip()
     if s.startswith("{"):
         try: return json.loads(s)
@@ -95,6 +108,7 @@ def _extract_json(raw:str):
         start = raw.find("{", start + 1)
     return None
 
+# %% ../nbs/03_validation.ipynb #c026
 def parse_output(raw:str, # The model's raw text
                  schema:OutputSchema # What the answer must be
                 ) -> dict:
@@ -117,21 +131,14 @@ def parse_output(raw:str, # The model's raw text
     if isinstance(obj.get(schema.field), str): obj[schema.field] = obj[schema.field].strip().lower()
     return validate_output(obj, schema)
 
-def validate_output(obj:dict, schema:OutputSchema) -> dict:
-    "Validate a parsed output with the schema's pydantic model."
-    from pydantic import ValidationError
-    try: return output_model(schema).model_validate(obj).model_dump()
-    except ValidationError as e:
-        errs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'output'}: {x['msg']}" for x in e.errors())
-        raise OutputValidationError(f"output does not match the schema: {errs}") from None
-
-# %% ../nbs/03_validation.ipynb #c015
+# %% ../nbs/03_validation.ipynb #c030
 def json_schema(schema:OutputSchema) -> dict:
     "The output schema as a JSON Schema (for `response_format` / structured outputs)."
     props = {schema.field: {"type": "string", **({"enum": list(schema.labels)} if schema.labels else {})}}
     if schema.confidence: props["confidence"] = {"type": "number", "minimum": 0, "maximum": 1}
     return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
 
+# %% ../nbs/03_validation.ipynb #c034
 def gbnf(schema:OutputSchema) -> str|None:
     "A llama.cpp GBNF grammar that only admits valid answers (None: no constraint possible)."
     alts = " | ".join(json.dumps(l) for l in schema.labels)
