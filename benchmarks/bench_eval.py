@@ -1,4 +1,4 @@
-"""Eval overhead: wall time of `promptsys.eval.evaluate` over 3 versions of the sentiment task on the embedded model,
+"""Eval overhead: wall time of `promptsys.evaluation.evaluate` over 3 versions of the sentiment task on the embedded model,
 against the model's own time (the sum of the provider's `complete` calls, timed around the calls themselves).
 
 Target (issue 3): wall / model time <= 1.10 — MLflow (import, a brand-new sqlite store, experiment, registry, runs,
@@ -45,13 +45,13 @@ def main(argv=None) -> int:
         L = s.local
         prov = TimedLocal(L.model_path, L.n_ctx, L.n_threads, L.n_batch, L.decoding)
         load_model(prov.path, L.n_ctx, L.n_threads, L.n_batch)        # model load is not eval overhead
-        from promptsys import eval as pe                                   # cheap: MLflow is imported inside
+        from promptsys import evaluation as pe, registry                   # cheap: MLflow is imported inside
         t0 = time.perf_counter()
         df = pe.evaluate("sentiment", versions, settings=s, limit=a.limit, provider=prov, progress=False)
         wall = time.perf_counter() - t0
         model_s, calls = TimedLocal.total, TimedLocal.calls
-        client = pe.mlflow_client(s)
-        exp = client.get_experiment_by_name(pe.experiment_name("sentiment", s))
+        client = registry.mlflow_client(s)
+        exp = client.get_experiment_by_name(registry.experiment_name("sentiment", s))
         runs = client.search_runs([exp.experiment_id])
         assert len(runs) == len(versions) and all(r.info.status == "FINISHED" for r in runs), "MLflow runs missing"
 

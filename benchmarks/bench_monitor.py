@@ -31,7 +31,7 @@ def main(argv=None) -> int:
 
     from promptsys.config import load_settings
     from promptsys.pipeline import Pipeline
-    from promptsys import monitor
+    from promptsys import metrics
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_monitor_"))
     proc, url = start_server("--delay-ms", "0")
@@ -42,12 +42,12 @@ def main(argv=None) -> int:
         on = load_settings(ROOT / "settings.ini", overrides={**base, "monitor.enabled": "true",
                                                               "monitor.db_path": str(tmp / "metrics.db")})
         pipes = {"off": Pipeline("sentiment", 2, settings=off), "on": Pipeline("sentiment", 2, settings=on)}
-        assert not any(isinstance(s, monitor.MetricsStore) for s in pipes["off"].sinks)
-        assert any(isinstance(s, monitor.MetricsStore) for s in pipes["on"].sinks)
+        assert not any(isinstance(s, metrics.MetricsStore) for s in pipes["off"].sinks)
+        assert any(isinstance(s, metrics.MetricsStore) for s in pipes["on"].sinks)
         rows = [json.loads(l)["text"] for l in (ROOT / "prompts/sentiment/data/sentiment.jsonl").read_text().splitlines() if l.strip()]
         texts = [rows[i % len(rows)] for i in range(a.calls)]
 
-        store = monitor.metrics_store(on)
+        store = metrics.metrics_store(on)
         clock = time.perf_counter
 
         def pairs() -> dict:

@@ -11,7 +11,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from promptsys.config import load_settings
 from promptsys.errors import DatasetError, TrackingError
 from promptsys.prompts import load_task
-from promptsys import eval as pe
+from promptsys import evaluation as pe, registry
 from tests.fakeserver import start_server, stop_server, stats, keyword_label
 
 N = 12
@@ -73,7 +73,7 @@ def test_skipped_rows_are_counted_in_the_run(env, tmp_path):
     f.write_text('{"text": "Great, love it", "label": "positive"}\nnot json\n{"text": "It broke", "label": "negative"}\n')
     s = load_settings(ROOT / "settings.ini", overrides={**env["ov"], "eval.bad_rows": "skip"}, env={})
     df = pe.evaluate(env["task"], [1], f, settings=s, progress=False)
-    run = pe.mlflow_client(s).get_run(df.run_id.iloc[0])
+    run = registry.mlflow_client(s).get_run(df.run_id.iloc[0])
     assert run.data.metrics["n_skipped"] == 1 and run.data.metrics["n_examples"] == 2 and df.accuracy.iloc[0] == 1.0
 
 
@@ -85,7 +85,7 @@ def test_eval_logs_one_run_per_version_with_params_metrics_artifacts(env):
     df = pe.evaluate("sentiment", settings=s, progress=False, scorers={"short_answers": lambda d: (d.tokens_out <= 2).mean()})
     assert calls(url) - before == N * len(t.versions)
     assert list(df.index) == sorted(t.versions) and df.n_examples.eq(N).all() and df.error_rate.eq(0).all()
-    client = pe.mlflow_client(s)
+    client = registry.mlflow_client(s)
     exp = client.get_experiment_by_name("t-sentiment")
     ds = pe.load_dataset(t.dataset, t)
     runs = {int(r.data.params["version"]): r for r in client.search_runs(
@@ -112,19 +112,19 @@ def test_eval_logs_one_run_per_version_with_params_metrics_artifacts(env):
         assert all(e["predicted"] == keyword_label(t.versions[n].render(text=e["input"])) for e in ex)
         assert json.loads(r.data.tags["mlflow.linkedPrompts"])[0]["name"] == "t-sentiment"
     # the registry holds each version once, tagged with its number and hash
-    reg = pe._registry_versions(client, "t-sentiment")
+    reg = registry.registry_versions(client, "t-sentiment")
     assert sorted((int(v.tags["version"]), v.tags["hash"]) for v in reg) == sorted((n, v.hash) for n, v in t.versions.items())
 
 
 def test_rerun_is_served_from_cache_and_registry_is_idempotent(env):
     s, url = env["s"], env["url"]
     pe.evaluate("sentiment", [1, 2], settings=s, progress=False)   # make sure the cache is warm
-    client = pe.mlflow_client(s)
-    nreg = len(pe._registry_versions(client, "t-sentiment"))
+    client = registry.mlflow_client(s)
+    nreg = len(registry.registry_versions(client, "t-sentiment"))
     before = calls(url)
     df = pe.evaluate("sentiment", [1, 2], settings=s, progress=False)
     assert calls(url) == before and df.cache_hit_rate.eq(1.0).all()
-    assert len(pe._registry_versions(client, "t-sentiment")) == nreg
+    assert len(registry.registry_versions(client, "t-sentiment")) == nreg
 
 
 def test_repeats_bypass_the_cache_and_measure_consistency(env):
@@ -150,7 +150,7 @@ class _Dies:
 def test_interrupted_eval_ends_its_run_and_resumes_without_requerying(env, tmp_path, exc, status):
     from promptsys.providers import make_provider
     s = load_settings(ROOT / "settings.ini", overrides={**env["ov"], "cache.dir": str(tmp_path / "cache")}, env={})
-    url, client = env["url"], pe.mlflow_client(s)
+    url, client = env["url"], registry.mlflow_client(s)
     dying = _Dies(make_provider(s), 5, exc)
     before = calls(url)
     with pytest.raises(type(exc) if isinstance(exc, Exception) else exc):
@@ -166,7 +166,7 @@ def test_interrupted_eval_ends_its_run_and_resumes_without_requerying(env, tmp_p
 
 def test_runs_left_running_by_a_killed_process_are_marked_killed(env):
     s = env["s"]
-    client = pe.mlflow_client(s)
+    client = registry.mlflow_client(s)
     exp_id = client.get_experiment_by_name("t-sentiment").experiment_id
     p = subprocess.Popen([sys.executable, "-c", "pass"]); p.wait()      # a pid that is certainly dead
     run = client.create_run(exp_id, tags={"promptsys.kind": "eval", "promptsys.pid": str(p.pid),
@@ -205,7 +205,7 @@ def test_cli_eval(env, capsys):
 
 def test_eval_notebook_runs_under_papermill(env):
     import papermill as pm
-    from promptsys.promote import notebook_result
+    from promptsys.schedule import notebook_result
     out = env["tmp"] / "runs" / "eval_out.ipynb"
     out.parent.mkdir(exist_ok=True)
     pm.execute_notebook(str(ROOT / "experiments/eval_prompts.ipynb"), str(out), kernel_name="python3", language="python",
@@ -214,7 +214,7 @@ def test_eval_notebook_runs_under_papermill(env):
                                         settings_path=str(ROOT / "settings.ini"), overrides=env["ov"]))
     res = notebook_result(out)
     assert res["ok"] and res["errors"] == 0 and set(res["runs"]) == {"1", "4"}
-    client = pe.mlflow_client(env["s"])
+    client = registry.mlflow_client(env["s"])
     for rid in res["runs"].values():
         r = client.get_run(rid)
         assert r.info.status == "FINISHED" and r.data.params["dataset_rows"] == "6"
@@ -246,7 +246,7 @@ def test_ctrl_c_on_the_cli_marks_the_run_killed_and_the_rerun_resumes(env, tmp_p
     served = calls(url) - before
     assert 3 <= served < N
     s = load_settings(ROOT / "settings.ini", overrides=ov, env={})
-    client = pe.mlflow_client(s)
+    client = registry.mlflow_client(s)
     exp_id = client.get_experiment_by_name("t-sentiment").experiment_id
     last = client.search_runs([exp_id], "params.version = '2'", order_by=["attributes.start_time DESC"])[0]
     assert last.info.status == "KILLED"

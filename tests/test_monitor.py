@@ -1,7 +1,7 @@
 """Monitoring: synthetic traffic through the real pipeline (fake OpenAI-compatible server over HTTP), checked
 against SQL computed directly on the metrics database; alerts, feedback, the HTML page in headless Chromium,
 durability across a restart, the Prometheus exposition and the dashboard notebook."""
-import http.server, json, math, os, re, shutil, sqlite3, subprocess, sys, textwrap, threading, time
+import http.server, json, os, re, shutil, sqlite3, subprocess, sys, textwrap, threading, time
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,7 @@ from tests.fakeserver import start_server, stop_server, control  # noqa: E402
 from promptsys.config import load_settings  # noqa: E402
 from promptsys.errors import InputValidationError  # noqa: E402
 from promptsys.pipeline import Pipeline  # noqa: E402
-from promptsys import monitor  # noqa: E402
+from promptsys import metrics, monitor  # noqa: E402
 
 DATA = [json.loads(l) for l in (ROOT / "prompts/sentiment/data/sentiment.jsonl").read_text().splitlines() if l.strip()]
 WINDOW = 24 * 3600
@@ -48,11 +48,10 @@ def sql(db, q, args=()):
     finally: con.close()
 
 
-def nearest_rank(db, p, where, args):
-    "The p-th percentile of latency computed in SQL alone (nearest rank)."
-    n = sql(db, f"SELECT COUNT(*) FROM calls WHERE {where}", args)[0][0]
-    k = math.ceil(p * n / 100)
-    return sql(db, f"SELECT latency_ms FROM calls WHERE {where} ORDER BY latency_ms LIMIT 1 OFFSET ?", (*args, k - 1))[0][0]
+def linear_percentile(db, p, where, args):
+    "The p-th percentile of latency: the latencies straight from SQL, interpolated by numpy (its default, 'linear')."
+    import numpy as np
+    return float(np.percentile([r[0] for r in sql(db, f"SELECT latency_ms FROM calls WHERE {where}", args)], p))
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +85,12 @@ def traffic(server, tmp_path_factory):
 
 def test_pipeline_wires_the_store(traffic):
     p = Pipeline("sentiment", 2, settings=traffic["s"])
-    assert monitor.metrics_store(traffic["s"]) in p.sinks
-    assert monitor.metrics_store(traffic["s"]) is monitor.metrics_store(traffic["s"])   # one per db per process
+    assert metrics.metrics_store(traffic["s"]) in p.sinks
+    assert metrics.metrics_store(traffic["s"]) is metrics.metrics_store(traffic["s"])   # one per db per process
 
 
 def test_every_call_is_recorded(traffic):
-    monitor.metrics_store(traffic["s"]).flush()
+    metrics.metrics_store(traffic["s"]).flush()
     db = traffic["db"]
     assert sql(db, "SELECT COUNT(*) FROM calls")[0][0] == traffic["calls"]
     assert sql(db, "PRAGMA journal_mode")[0][0] == "wal"
@@ -133,7 +132,7 @@ def test_dashboard_numbers_equal_sql(traffic):
         assert g["errors"] == err and g["fallback_rate"] == pytest.approx(fb / n)
         assert g["retry_rate"] == pytest.approx(retried / n) and g["cache_hit_rate"] == pytest.approx(hits / n)
         assert g["cost_usd"] == pytest.approx(cost) and g["cost_per_call_usd"] == pytest.approx(cost / n)
-        for p in (50, 95, 99): assert g[f"latency_p{p}_ms"] == nearest_rank(db, p, w, a)
+        for p in (50, 95, 99): assert g[f"latency_p{p}_ms"] == linear_percentile(db, p, w, a)
     v2 = next(g for g in sm["groups"] if g["version"] == 2)
     assert v2["fallbacks"] == 4 and v2["error_types"] == {"fallback": 4, "InputValidationError": 1}
     assert v2["consistency_calls"] == 2 and v2["consistency"] == 1.0     # dup-1 answered the same twice
@@ -153,7 +152,7 @@ def test_feedback_changes_accuracy(traffic):
     assert before["accuracy"] is None and before["feedback_labels"] == 0
     fed = [(rid, r, row) for rid, (r, row) in traffic["results"].items() if rid.startswith("v3-")]
     for rid, r, row in fed:
-        got = monitor.record_feedback(rid, correct_label=row["label"], settings=s)
+        got = metrics.record_feedback(rid, correct_label=row["label"], settings=s)
         assert got["correct"] == (r.label == row["label"])
     expected = sum(r.label == row["label"] for _, r, row in fed) / len(fed)
     after = next(g for g in monitor.summary(s)["groups"] if g["version"] == 3)
@@ -170,11 +169,11 @@ def test_feedback_changes_accuracy(traffic):
     again = next(g for g in monitor.summary(s)["groups"] if g["version"] == 3)
     assert again["accuracy"] == pytest.approx(expected - 1 / len(fed))
     # satisfaction from scores
-    monitor.record_feedback("v3-0", score=1.0, settings=s); monitor.record_feedback("v3-1", score=0.0, settings=s)
-    monitor.record_feedback("v3-1", score=0.5, settings=s)                        # latest wins
+    metrics.record_feedback("v3-0", score=1.0, settings=s); metrics.record_feedback("v3-1", score=0.0, settings=s)
+    metrics.record_feedback("v3-1", score=0.5, settings=s)                        # latest wins
     sat = next(g for g in monitor.summary(s)["groups"] if g["version"] == 3)
     assert sat["feedback_scores"] == 2 and sat["satisfaction"] == pytest.approx(0.75)
-    with pytest.raises(InputValidationError): monitor.record_feedback("v3-0", correct_label="meh", settings=s)
+    with pytest.raises(InputValidationError): metrics.record_feedback("v3-0", correct_label="meh", settings=s)
     # the accuracy rule reads the same numbers (and the p95 rule sees v3's slow calls)
     strict = load_settings(ROOT / "settings.ini", overrides={**traffic["ov"], "alerts.min_accuracy": "0.9",
                                                              "alerts.max_p95_latency_ms": "20"})
@@ -224,8 +223,8 @@ def test_injected_degradation_fires_the_right_alert_once(server, tmp_path):
         assert "⚠️ sentiment v2: error rate 50.0% > 5.0%" not in monitor.dashboard_text(s)   # critical shows as 🔴
         assert "🔴 sentiment v2: error rate 50.0% > 5.0%" in monitor.dashboard_text(s)
         # a hook other modules call (the eval scheduler's regression watch), deduplicated across processes too
-        assert monitor.raise_alert("regression:sentiment", "accuracy dropped", "critical", s) is True
-        code = ("import sys; from promptsys.config import load_settings; from promptsys.monitor import raise_alert; "
+        assert metrics.raise_alert("regression:sentiment", "accuracy dropped", "critical", s) is True
+        code = ("import sys; from promptsys.config import load_settings; from promptsys.metrics import raise_alert; "
                 f"s = load_settings({str(ROOT / 'settings.ini')!r}, overrides={overrides(tmp_path, server)!r}); "
                 "sys.exit(0 if raise_alert('regression:sentiment', 'again', 'critical', s) is False else 3)")
         assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
@@ -271,7 +270,7 @@ def test_html_page_renders_in_headless_chromium(traffic, tmp_path):
 WRITER = textwrap.dedent("""
     import os, sys, time
     from promptsys.config import load_settings
-    from promptsys.monitor import metrics_store
+    from promptsys.metrics import metrics_store
     db, n, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     s = load_settings({settings!r}, overrides={{"monitor.db_path": db, "monitor.flush_seconds": "60",
                       "monitor.batch_size": "100000", "promptsys.state_dir": os.path.dirname(db)}})
@@ -313,7 +312,7 @@ def test_prometheus_exposition(traffic):
     req = {x.labels["version"]: x.value for x in fams["promptsys_window_requests"].samples}
     assert req == {str(v): float(n) for v, n in sql(db, "SELECT version, COUNT(*) FROM calls GROUP BY version")}
     p95 = [x.value for x in fams["promptsys_window_latency_ms"].samples if x.labels["quantile"] == "0.95" and x.labels["version"] == "3"]
-    assert p95 == [nearest_rank(db, 95, "version = 3", ())]
+    assert p95 == [linear_percentile(db, 95, "version = 3", ())]
     assert 'promptsys_calls_total{outcome="fallback",task="sentiment",version="2"} 4.0' in cli(traffic["ov"], "metrics").stdout
 
 
@@ -336,7 +335,7 @@ def test_dashboard_notebook_runs_under_papermill(traffic, tmp_path):
 def test_budget_alerts(server, tmp_path):
     s = settings_for(tmp_path, server, **{"budget.daily_usd": "0.0002", "budget.on_exceed": "warn"})
     p = Pipeline("sentiment", 2, settings=s)
-    monitor.watch_budget(p.budget, s)                  # Budget.on_alert → raise_alert (what the pipeline could wire)
+    metrics.watch_budget(p.budget, s)                  # Budget.on_alert → raise_alert (what the pipeline could wire)
     control(server, p500=0.0, delay_ms=0)
     for row in DATA[:20]: p.run(row["text"])
     spent = p.budget.spent()["global:day"]
@@ -374,15 +373,15 @@ def test_metrics_serve(traffic):
 def test_mlflow_tracing_optional(server, tmp_path):
     mlflow = pytest.importorskip("mlflow")
     s = settings_for(tmp_path, server)
-    tracer = monitor.TraceSink(s, flush_seconds=3600)
-    store = monitor.MetricsStore(tmp_path / "traced.db", flush_seconds=3600)
+    tracer = metrics.TraceSink(s, flush_seconds=3600)
+    store = metrics.MetricsStore(tmp_path / "traced.db", flush_seconds=3600)
     store.listeners.append(tracer)                         # what [monitor] tracing = true wires in metrics_store
     p = Pipeline("sentiment", 2, settings=s, sinks=[store])
     control(server, p500=0.0, delay_ms=0)
     rs = [p.run(row["text"], request_id=f"t-{i}") for i, row in enumerate(DATA[:3])]
     store.close()                                          # the batch reaches the tracer ...
     assert tracer.flush() == 3 and tracer.failed == 0      # ... which logs it to MLflow
-    from promptsys.eval import mlflow_client, experiment_name
+    from promptsys.registry import mlflow_client, experiment_name
     client = mlflow_client(s)
     exp = client.get_experiment_by_name(experiment_name("sentiment", s))
     traces = mlflow.search_traces(locations=[exp.experiment_id], return_type="list")

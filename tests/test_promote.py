@@ -16,7 +16,7 @@ from promptsys.config import load_settings
 from promptsys.errors import PromptNotFound
 from promptsys.prompts import load_task
 from promptsys.pipeline import Pipeline
-from promptsys import eval as pe, promote as pp
+from promptsys import evaluation as pe, promotion as pp, registry, schedule
 from tests.fakeserver import start_server, stop_server, stats, control
 from tests.test_eval import _overrides as eval_overrides
 
@@ -56,7 +56,7 @@ def env(tmp_path_factory):
 def task(env): return load_task("reviews", env["tmp"] / "prompts")
 def audit(env): return pp.history("reviews", env["s"])
 def alias_version(env, alias):
-    rv = pp.current_alias(pe.mlflow_client(env["s"]), task(env), alias, env["s"])
+    rv = registry.current_alias(registry.mlflow_client(env["s"]), task(env), alias, env["s"])
     return None if rv is None else int(rv.tags["version"])
 
 
@@ -89,7 +89,7 @@ def test_promotion_lifecycle(env):
     assert d.stats["b_prod_only"] == 0 and d.stats["c_cand_only"] == 8 and d.stats["p_value"] == pytest.approx(2 / 256)
     assert d.stats["ci_low"] > 0 and all(r.startswith(("✓", "-", "!")) for r in d.reasons)
     assert alias_version(env, "production") == 2 and len(audit(env)) == 1
-    client = pe.mlflow_client(s)
+    client = registry.mlflow_client(s)
     arts = [a.path for a in client.list_artifacts(df.run_id.iloc[0], "impact")]
     assert "impact/vs_v2.json" in arts
     imp = dry.impact
@@ -165,11 +165,11 @@ def test_regression_watch_alerts_and_rolls_back(env):
     s = env["s"]
     pp.promote("reviews", 1, settings=s, user="frank")                 # v1 (accuracy 1.0) back in production
     assert alias_version(env, "production") == 1
-    ok = pp.watch("reviews", settings=s)
+    ok = schedule.watch("reviews", settings=s)
     assert (ok["regression"], ok["accuracy"]) == (False, 1.0)
     control(env["url"], answer_mode="fixed", answer="neutral")          # the "model" degrades
     try:
-        w = pp.watch("reviews", settings=s, auto_rollback=True)
+        w = schedule.watch("reviews", settings=s, auto_rollback=True)
     finally: control(env["url"], answer_mode="keyword")
     assert w["regression"] and w["recorded_accuracy"] == 1.0 and w["accuracy"] == pytest.approx(4 / 12)
     assert w["rolled_back"] and alias_version(env, "production") == 2
@@ -204,9 +204,9 @@ def test_schedule_runs_both_notebooks_with_papermill(env, capsys):
     assert code == 0, out
     outs = sorted((env["tmp"] / "runs").glob("*_reviews_*.ipynb"))
     assert [p.name.split("_", 2)[-1] for p in outs] == ["eval_prompts.ipynb", "promote.ipynb"]
-    res = pp.notebook_result(outs[1])
+    res = schedule.notebook_result(outs[1])
     assert res["ok"] and res["noop"] and res["candidate"] == 1 and res["dry_run"]
-    ev = pp.notebook_result(outs[0])
+    ev = schedule.notebook_result(outs[0])
     assert ev["ok"] and ev["errors"] == 0 and set(ev["runs"]) == {"1", "2"}
     assert '"regression": false' in out
     # a refused gate makes the scheduled run fail: put the worse v2 in production, demand an impossible gain
@@ -218,7 +218,7 @@ def test_schedule_runs_both_notebooks_with_papermill(env, capsys):
 
 
 def test_promote_notebook_promotes_when_not_dry_run(env):
-    res = pp.run_notebook(ROOT / "experiments/promote.ipynb", env["tmp"] / "runs" / "promote_real.ipynb",
+    res = schedule.run_notebook(ROOT / "experiments/promote.ipynb", env["tmp"] / "runs" / "promote_real.ipynb",
                           dict(task="reviews", dry_run=False, reason="notebook", settings_path=str(ROOT / "settings.ini"),
                                overrides=env["ov"]))
     assert res["ok"] and res["moved"] and (res["candidate"], res["production"]) == (1, 2)

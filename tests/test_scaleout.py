@@ -539,8 +539,9 @@ def test_mlflow_server_on_postgres_keeps_runs_prompts_aliases_and_artifacts(mlfl
 
 
 def test_eval_gate_promote_rollback_through_the_postgres_backed_server(mlflow_server, fake, tmp_path):
-    pe = pytest.importorskip("promptsys.eval")
-    pp = pytest.importorskip("promptsys.promote")
+    pe = pytest.importorskip("promptsys.evaluation")
+    pp = pytest.importorskip("promptsys.promotion")
+    reg = pytest.importorskip("promptsys.registry")
     from promptsys.pipeline import Pipeline
     from promptsys.prompts import load_task
     d = tmp_path / "prompts" / "sentiment"
@@ -550,11 +551,11 @@ def test_eval_gate_promote_rollback_through_the_postgres_backed_server(mlflow_se
     s = scaleout_settings(tmp_path, fake, use=(), **{"promptsys.prompts_dir": str(tmp_path / "prompts"),
                                                       "mlflow.tracking_uri": mlflow_server["url"],
                                                       "mlflow.experiment_prefix": "team", "mlflow.alias_cache_seconds": "0"})
-    assert pe.tracking_uri(s) == mlflow_server["url"]                 # settings only: nothing else points at the server
+    assert reg.tracking_uri(s) == mlflow_server["url"]                 # settings only: nothing else points at the server
     t = load_task("sentiment", tmp_path / "prompts")
     df = pe.evaluate(t, settings=s, progress=False)
     assert sorted(df.index) == sorted(t.versions) and df.n_examples.eq(12).all()
-    client = pe.mlflow_client(s)
+    client = reg.mlflow_client(s)
     run = client.get_run(df.run_id.iloc[0])
     assert run.info.status == "FINISHED" and "examples.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
     # gate + promote: no production yet, so the best evaluated version goes
@@ -566,11 +567,11 @@ def test_eval_gate_promote_rollback_through_the_postgres_backed_server(mlflow_se
     other = next(n for n in sorted(t.versions) if n != first)
     gd = pp.gate(t, other, settings=s)
     pr2 = pp.promote(t, other, settings=s, reason="try another wording", force=not gd.passed)
-    assert pr2.moved and pp._alias_number(pp.current_alias(client, t, "production", s)) == other
+    assert pr2.moved and reg.alias_number(reg.current_alias(client, t, "production", s)) == other
     e = pp.rollback(t, settings=s, reason="scale-out test rollback")
     assert (e["from"], e["to"]) == (other, first)
-    assert pp._alias_number(pp.current_alias(client, t, "production", s)) == first
-    assert pp._alias_number(pp.current_alias(client, t, "previous", s)) == other
+    assert reg.alias_number(reg.current_alias(client, t, "production", s)) == first
+    assert reg.alias_number(reg.current_alias(client, t, "previous", s)) == other
     assert Pipeline(t, "production", settings=s).prompt.number == first
     acts = [(h["action"], h["to"]) for h in pp.history(t, s)]
     assert acts[-3:] == [("promote", first), ("promote", other), ("rollback", first)]
@@ -579,7 +580,6 @@ def test_eval_gate_promote_rollback_through_the_postgres_backed_server(mlflow_se
 
 def test_cli_shared_reports_where_state_lives(monkeypatch, capsys):
     from promptsys import cli
-    monkeypatch.setattr(cli, "PLUGINS", tuple(dict.fromkeys((*cli.PLUGINS, "promptsys.shared"))))
     assert cli.main(["--settings", str(ROOT / "settings.ini"), "shared", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == dict(cache="local", breaker="local",
                                                                                  budget="local", ratelimit="local")
