@@ -11,12 +11,11 @@ _LAZY = {
     "ProviderError": "errors", "BudgetExceeded": "errors", "CircuitOpen": "errors", "PromptNotFound": "errors",
     "ConfigError": "errors", "TemplateError": "errors",
     "make_provider": "providers", "Request": "providers", "Completion": "providers",
-    "evaluate": "eval", "compare": "eval", "load_dataset": "eval",
-    "gate": "promote", "rollback": "promote", "stage": "promote", "history": "promote",
-    "record_feedback": "monitor", "summary": "monitor",
+    "evaluate": "evaluation", "compare": "evaluation", "load_dataset": "evaluation",
+    "resolve_alias": "registry", "current_alias": "registry",
+    "gate": "promotion", "promote": "promotion", "rollback": "promotion", "stage": "promotion", "history": "promotion",
+    "record_feedback": "metrics", "summary": "monitor",
 }
-
-# (No top-level `promote` function: `promptsys.promote` is the module. Use `promptsys.promote.promote(...)`.)
 
 def __getattr__(name):
     if name in _LAZY:
