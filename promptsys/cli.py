@@ -10,14 +10,14 @@ from .errors import PromptsysError, InputValidationError, ConfigError, TemplateE
 from .config import Settings, load_settings
 
 # %% auto #0
-__all__ = ['COMMANDS', 'GROUPS', 'settings_from_args', 'configure_install_local', 'cmd_install_local', 'configure_doctor',
-           'cmd_doctor', 'configure_run', 'cmd_run', 'cmd_prompts_list', 'cmd_prompts_show', 'configure_prompts',
-           'accuracy_table', 'table_text', 'configure_demo', 'cmd_demo', 'configure_dashboard', 'cmd_dashboard',
-           'configure_feedback', 'cmd_feedback', 'configure_alerts', 'cmd_alerts', 'configure_metrics', 'cmd_metrics',
-           'configure_shared', 'cmd_shared', 'configure_eval', 'cmd_eval', 'configure_promote', 'cmd_promote',
-           'configure_rollback', 'cmd_rollback', 'configure_stage', 'cmd_stage', 'configure_history', 'cmd_history',
-           'configure_diff', 'cmd_diff', 'configure_ui', 'cmd_ui', 'configure_schedule', 'schedule_text',
-           'cmd_schedule', 'commands_text', 'parser', 'main']
+__all__ = ['COMMANDS', 'GROUPS', 'settings_from_args', 'commands_text', 'parser', 'main', 'configure_install_local',
+           'cmd_install_local', 'configure_doctor', 'cmd_doctor', 'accuracy_table', 'table_text', 'configure_demo',
+           'cmd_demo', 'cmd_prompts_list', 'cmd_prompts_show', 'configure_prompts', 'configure_run', 'cmd_run',
+           'configure_eval', 'cmd_eval', 'configure_promote', 'cmd_promote', 'configure_rollback', 'cmd_rollback',
+           'configure_stage', 'cmd_stage', 'configure_history', 'cmd_history', 'configure_diff', 'cmd_diff',
+           'configure_ui', 'cmd_ui', 'configure_schedule', 'schedule_text', 'cmd_schedule', 'configure_dashboard',
+           'cmd_dashboard', 'configure_feedback', 'cmd_feedback', 'configure_alerts', 'cmd_alerts', 'configure_metrics',
+           'cmd_metrics', 'configure_shared', 'cmd_shared']
 
 # %% ../nbs/20_cli.ipynb #c006
 def settings_from_args(a:argparse.Namespace) -> Settings:
@@ -34,6 +34,57 @@ def settings_from_args(a:argparse.Namespace) -> Settings:
     return s
 
 # %% ../nbs/20_cli.ipynb #c009
+COMMANDS: dict = {}
+
+GROUPS = {
+    "getting started": ["install-local", "doctor", "demo"],
+    "prompts": ["prompts", "run"],
+    "evaluate": ["eval", "diff"],
+    "promote": ["promote", "rollback", "stage", "history"],
+    "schedule": ["schedule", "ui"],
+    "monitor": ["dashboard", "feedback", "alerts", "metrics"],
+    "scale-out": ["shared"],
+}
+
+def commands_text() -> str:
+    "The command list of `--help`, by group (commands not yet in `COMMANDS` are left out)."
+    w = max(map(len, COMMANDS), default=0)
+    out = ["commands:"]
+    for group, names in GROUPS.items():
+        out.append(f"  {group}:")
+        out += [f"    {n:<{w}}  {COMMANDS[n][0]}" for n in names if n in COMMANDS]
+    return "\n".join(out)
+
+# %% ../nbs/20_cli.ipynb #c011
+def parser() -> argparse.ArgumentParser:
+    "The `promptsys` argument parser: global options, then one subcommand."
+    p = argparse.ArgumentParser("promptsys", description="Versioned, evaluated, monitored LLM prompts.",
+                                epilog=commands_text() + "\n\n`promptsys COMMAND --help` explains one command.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--settings", help="settings file (default: $PROMPTSYS_SETTINGS or ./settings.ini)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a setting (repeatable)")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", help="one of the commands below")
+    for name, (help_, configure, fn) in COMMANDS.items():
+        c = sub.add_parser(name, description=help_)
+        configure(c)
+        if fn is not None: c.set_defaults(fn=fn)
+    return p
+
+# %% ../nbs/20_cli.ipynb #c013
+def main(argv:list[str]|None=None) -> int:
+    "Entry point of the `promptsys` command."
+    a = parser().parse_args(argv)
+    try: return a.fn(a) or 0
+    except PromptsysError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        if e.hint: print(f"hint: {e.hint}", file=sys.stderr)
+        return 2 if isinstance(e, (InputValidationError, ConfigError, TemplateError, PromptNotFound)) else 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr); return 130
+    except BrokenPipeError:                      # `promptsys ... | head`: the reader left; not an error
+        sys.stderr.close(); return 0
+
+# %% ../nbs/20_cli.ipynb #c017
 def configure_install_local(p):
     p.add_argument("--native", action="store_true", help="build for this CPU only (-march=native, AVX-512/AMX "
                    "if present): maybe faster here, SIGILL on other CPUs")
@@ -47,6 +98,10 @@ def cmd_install_local(a) -> int:
                   log=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
 
+COMMANDS["install-local"] = ("build llama-cpp-python portably (once) and install the embedded model",
+                             configure_install_local, cmd_install_local)
+
+# %% ../nbs/20_cli.ipynb #c019
 def configure_doctor(p):
     p.add_argument("--json", action="store_true", help="print the checks as a JSON list")
 
@@ -60,56 +115,10 @@ def cmd_doctor(a) -> int:
         for n, ok, d in rows: print(f"{'ok ' if ok else 'BAD'} {n:<17} {d}")
     return 0 if all(ok for _, ok, _ in rows) else 1
 
-# %% ../nbs/20_cli.ipynb #c011
-def configure_run(p):
-    p.add_argument("task"); p.add_argument("text", help='the input text ("-" reads stdin)')
-    p.add_argument("--version", default="latest", help="version number, latest, or an alias (production, staging)")
-    p.add_argument("--provider", help="local | openai | anthropic | replay"); p.add_argument("--model")
-    p.add_argument("--no-cache", action="store_true", help="bypass the response cache")
-    p.add_argument("--json", action="store_true", help="print the whole result record as JSON")
+COMMANDS["doctor"] = ("check the embedded model's build on this CPU (a real forward pass in a child process)",
+                      configure_doctor, cmd_doctor)
 
-def cmd_run(a) -> int:
-    "Run one input through the pipeline and print the result."
-    from promptsys.pipeline import Pipeline
-    s = settings_from_args(a)
-    text = sys.stdin.read() if a.text == "-" else a.text
-    r = Pipeline(a.task, a.version, settings=s, cache=not a.no_cache).run(text)
-    if a.json: print(json.dumps({**r.to_record(), "output": r.output, "raw": r.raw}, indent=1))
-    else:
-        print(json.dumps(r.output))
-        print(f"# {r.task} v{r.version} ({r.prompt_hash}) on {r.provider}:{r.model} — {r.latency_ms:.0f} ms, "
-              f"{r.tokens_in}+{r.tokens_out} tokens, ${r.cost_usd:.6f}{', cache hit' if r.cache_hit else ''}"
-              f"{', fallback: ' + r.fallback_reason if r.fallback else ''}", file=sys.stderr)
-    return 0 if r.ok else 1
-
-def cmd_prompts_list(a) -> int:
-    "List tasks, or one task's versions with their hashes and notes."
-    from promptsys.prompts import list_tasks, load_task
-    s = settings_from_args(a)
-    tasks = [a.task] if a.task else list_tasks(s.promptsys.prompts_dir)
-    if not tasks: print(f"no tasks in {s.promptsys.prompts_dir}"); return 0
-    for name in tasks:
-        t = load_task(name, s.promptsys.prompts_dir)
-        print(f"{t.name}: {t.description}")
-        for v in t.versions.values(): print(f"  v{v.number:<3} {v.name:24} {v.hash}  {v.note}")
-    return 0
-
-def cmd_prompts_show(a) -> int:
-    "Print one version's template."
-    from promptsys.prompts import load_task
-    s = settings_from_args(a)
-    v = load_task(a.task, s.promptsys.prompts_dir).version(a.version)
-    print(f"# {a.task} {v.name} hash={v.hash} variables={', '.join(v.variables)}\n{v.template}")
-    return 0
-
-def configure_prompts(p):
-    sub = p.add_subparsers(dest="sub", required=True, metavar="SUB")
-    l = sub.add_parser("list", help="tasks, or one task's versions"); l.add_argument("task", nargs="?")
-    l.set_defaults(fn=cmd_prompts_list)
-    sh = sub.add_parser("show", help="one version's template"); sh.add_argument("task"); sh.add_argument("version")
-    sh.set_defaults(fn=cmd_prompts_show)
-
-# %% ../nbs/20_cli.ipynb #c013
+# %% ../nbs/20_cli.ipynb #c023
 def accuracy_table(task:str, settings:Settings, versions=None, limit:int|None=None, progress=True) -> list[dict]:
     "Accuracy, latency and tokens of each version on the task's dataset, with no MLflow or pandas."
     from promptsys.pipeline import Pipeline
@@ -140,6 +149,7 @@ def table_text(rows:list[dict]) -> str:
     return "\n".join(["  ".join(c.ljust(w[c]) for c in cols).rstrip(),
                       *("  ".join(str(r[c]).ljust(w[c]) for c in cols).rstrip() for r in rows)])
 
+# %% ../nbs/20_cli.ipynb #c026
 def configure_demo(p):
     p.add_argument("--task", default="sentiment"); p.add_argument("--limit", type=int, help="first N dataset rows only")
     p.add_argument("--provider"); p.add_argument("--model")
@@ -156,72 +166,64 @@ def cmd_demo(a) -> int:
     print(table_text(accuracy_table(a.task, s, limit=a.limit)))
     return 0
 
-# %% ../nbs/20_cli.ipynb #c017
-def configure_dashboard(p):
-    p.add_argument("--task", help="only this task")
-    p.add_argument("--hours", type=float, help="window (default [alerts] window_hours)")
-    p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML page with plots")
-    p.add_argument("--bucket-minutes", type=float, help="plot bucket length (default: automatic)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of the box")
+COMMANDS["demo"] = ("score every version of a task on its dataset (with MLflow: eval, gate, promote)",
+                    configure_demo, cmd_demo)
 
-def cmd_dashboard(a) -> int:
-    "Print the dashboard (and write the HTML page)."
-    from promptsys.monitor import summary, dashboard_text, dashboard_html
+# %% ../nbs/20_cli.ipynb #c028
+def cmd_prompts_list(a) -> int:
+    "List tasks, or one task's versions with their hashes and notes."
+    from promptsys.prompts import list_tasks, load_task
     s = settings_from_args(a)
-    if a.json: print(json.dumps(summary(s, hours=a.hours, task=a.task), indent=1, default=str))
-    else: print(dashboard_text(s, hours=a.hours, task=a.task))
-    if a.html:
-        page = dashboard_html(a.html, s, hours=a.hours, task=a.task, bucket_minutes=a.bucket_minutes)
-        print(f"wrote {page}", file=sys.stderr)
+    tasks = [a.task] if a.task else list_tasks(s.promptsys.prompts_dir)
+    if not tasks: print(f"no tasks in {s.promptsys.prompts_dir}"); return 0
+    for name in tasks:
+        t = load_task(name, s.promptsys.prompts_dir)
+        print(f"{t.name}: {t.description}")
+        for v in t.versions.values(): print(f"  v{v.number:<3} {v.name:24} {v.hash}  {v.note}")
     return 0
 
-def configure_feedback(p):
-    p.add_argument("request_id"); p.add_argument("--label", help="the correct label")
-    p.add_argument("--score", type=float, help="satisfaction in [0, 1]"); p.add_argument("--note", default="")
-
-def cmd_feedback(a) -> int:
-    "Record user feedback on one call."
-    from promptsys.metrics import record_feedback
-    print(json.dumps(record_feedback(a.request_id, a.score, a.label, settings_from_args(a), a.note)))
+def cmd_prompts_show(a) -> int:
+    "Print one version's template."
+    from promptsys.prompts import load_task
+    s = settings_from_args(a)
+    v = load_task(a.task, s.promptsys.prompts_dir).version(a.version)
+    print(f"# {a.task} {v.name} hash={v.hash} variables={', '.join(v.variables)}\n{v.template}")
     return 0
 
-def configure_alerts(p):
-    p.add_argument("--task"); p.add_argument("--hours", type=float)
-    p.add_argument("--dry-run", action="store_true", help="evaluate and print, send nothing")
+def configure_prompts(p):
+    sub = p.add_subparsers(dest="sub", required=True, metavar="SUB")
+    l = sub.add_parser("list", help="tasks, or one task's versions"); l.add_argument("task", nargs="?")
+    l.set_defaults(fn=cmd_prompts_list)
+    sh = sub.add_parser("show", help="one version's template"); sh.add_argument("task"); sh.add_argument("version")
+    sh.set_defaults(fn=cmd_prompts_show)
 
-def cmd_alerts(a) -> int:
-    "Evaluate the alert rules and fire what they raise (deduplicated)."
-    from promptsys.monitor import evaluate_alerts, check_alerts, alerts_text
+COMMANDS["prompts"] = ("list and show prompt versions", configure_prompts, None)
+
+# %% ../nbs/20_cli.ipynb #c033
+def configure_run(p):
+    p.add_argument("task"); p.add_argument("text", help='the input text ("-" reads stdin)')
+    p.add_argument("--version", default="latest", help="version number, latest, or an alias (production, staging)")
+    p.add_argument("--provider", help="local | openai | anthropic | replay"); p.add_argument("--model")
+    p.add_argument("--no-cache", action="store_true", help="bypass the response cache")
+    p.add_argument("--json", action="store_true", help="print the whole result record as JSON")
+
+def cmd_run(a) -> int:
+    "Run one input through the pipeline and print the result."
+    from promptsys.pipeline import Pipeline
     s = settings_from_args(a)
-    alerts = evaluate_alerts(s, a.hours, a.task) if a.dry_run else check_alerts(s, a.hours, a.task)
-    print(alerts_text(alerts, dry_run=a.dry_run))
-    return 0
+    text = sys.stdin.read() if a.text == "-" else a.text
+    r = Pipeline(a.task, a.version, settings=s, cache=not a.no_cache).run(text)
+    if a.json: print(json.dumps({**r.to_record(), "output": r.output, "raw": r.raw}, indent=1))
+    else:
+        print(json.dumps(r.output))
+        print(f"# {r.task} v{r.version} ({r.prompt_hash}) on {r.provider}:{r.model} — {r.latency_ms:.0f} ms, "
+              f"{r.tokens_in}+{r.tokens_out} tokens, ${r.cost_usd:.6f}{', cache hit' if r.cache_hit else ''}"
+              f"{', fallback: ' + r.fallback_reason if r.fallback else ''}", file=sys.stderr)
+    return 0 if r.ok else 1
 
-def configure_metrics(p):
-    p.add_argument("--serve", type=int, metavar="PORT", help="serve /metrics on this port until interrupted")
-    p.add_argument("--addr", default="127.0.0.1", help="address to bind with --serve (0.0.0.0 for remote scrapers)")
-    p.add_argument("--hours", type=float)
+COMMANDS["run"] = ("run one input through a task's pipeline", configure_run, cmd_run)
 
-def cmd_metrics(a) -> int:
-    "Print the Prometheus exposition, or serve it."
-    from promptsys.monitor import prometheus_text, serve_metrics
-    s = settings_from_args(a)
-    if a.serve is None: sys.stdout.write(prometheus_text(s, a.hours)); return 0
-    serve_metrics(a.serve, s, a.addr, a.hours)
-    print(f"serving Prometheus metrics on http://{a.addr}:{a.serve}/metrics (Ctrl-C stops)", file=sys.stderr)
-    while True: time.sleep(3600)
-
-# %% ../nbs/20_cli.ipynb #c019
-def configure_shared(p): p.add_argument("--json", action="store_true", help="print one JSON object")
-
-def cmd_shared(a) -> int:
-    "Where the cache, breakers, budgets and rate limits live, and whether Redis answers."
-    from promptsys.shared import status, status_text
-    st = status(settings_from_args(a))
-    print(json.dumps(st) if a.json else status_text(st))
-    return 0 if st.get("redis", "up") == "up" else 1
-
-# %% ../nbs/20_cli.ipynb #c021
+# %% ../nbs/20_cli.ipynb #c037
 def configure_eval(p):
     p.add_argument("task"); p.add_argument("--versions", help="comma-separated version numbers (default: all)")
     p.add_argument("--dataset", help="dataset file (default: the task's)")
@@ -242,7 +244,9 @@ def cmd_eval(a) -> int:
     print(f"# MLflow: {tracking_uri(s)}  experiment {experiment_name(a.task, s)}  (promptsys ui)")
     return 1 if "error_rate" in df and (df["error_rate"] > 0).any() else 0
 
-# %% ../nbs/20_cli.ipynb #c023
+COMMANDS["eval"] = ("evaluate prompt versions on the task's dataset and log them to MLflow", configure_eval, cmd_eval)
+
+# %% ../nbs/20_cli.ipynb #c039
 def configure_promote(p):
     p.add_argument("task")
     p.add_argument("--version", type=int, help="candidate (default: the best version by the gate)")
@@ -260,6 +264,10 @@ def cmd_promote(a) -> int:
     if pr.impact is not None: print(pr.impact.to_text())
     return 0 if (pr.moved or pr.decision.noop or (a.dry_run and pr.decision.passed)) else 1
 
+COMMANDS["promote"] = ("promote a version to production through the gate (moves the MLflow alias)",
+    configure_promote, cmd_promote)
+
+# %% ../nbs/20_cli.ipynb #c040
 def configure_rollback(p): p.add_argument("task"); p.add_argument("--reason")
 
 def cmd_rollback(a) -> int:
@@ -269,6 +277,10 @@ def cmd_rollback(a) -> int:
     print(f"rolled back {a.task}: production v{e['from']} → v{e['to']}")
     return 0
 
+COMMANDS["rollback"] = ("restore the previous production version",
+    configure_rollback, cmd_rollback)
+
+# %% ../nbs/20_cli.ipynb #c041
 def configure_stage(p): p.add_argument("task"); p.add_argument("version", type=int); p.add_argument("--reason")
 
 def cmd_stage(a) -> int:
@@ -278,6 +290,10 @@ def cmd_stage(a) -> int:
     print(f"staged {a.task} v{e['to']} (was v{e['from']})")
     return 0
 
+COMMANDS["stage"] = ("point the staging alias at a version",
+    configure_stage, cmd_stage)
+
+# %% ../nbs/20_cli.ipynb #c042
 def configure_history(p):
     p.add_argument("task"); p.add_argument("--json", action="store_true", help="raw JSON lines")
 
@@ -289,6 +305,10 @@ def cmd_history(a) -> int:
     else: print(format_history(h) or f"no audit entries for {a.task}")
     return 0
 
+COMMANDS["history"] = ("print the task's promotion audit trail",
+    configure_history, cmd_history)
+
+# %% ../nbs/20_cli.ipynb #c043
 def configure_diff(p):
     p.add_argument("task"); p.add_argument("a", type=int, help="baseline version")
     p.add_argument("b", type=int, help="candidate version"); p.add_argument("--max-flips", type=int, default=50)
@@ -299,6 +319,10 @@ def cmd_diff(a) -> int:
     print(impact(a.task, a.b, a.a, settings=settings_from_args(a), log_to_run=False).to_text(a.max_flips))
     return 0
 
+COMMANDS["diff"] = ("impact of replacing version a by b: flipped examples, per label, cost and latency",
+    configure_diff, cmd_diff)
+
+# %% ../nbs/20_cli.ipynb #c044
 def configure_ui(p): p.add_argument("--host", default="127.0.0.1"); p.add_argument("--port", type=int, default=5000)
 
 def cmd_ui(a) -> int:
@@ -310,7 +334,10 @@ def cmd_ui(a) -> int:
     try: return subprocess.call(cmd, env=env)
     except KeyboardInterrupt: return 0
 
-# %% ../nbs/20_cli.ipynb #c025
+COMMANDS["ui"] = ("open the MLflow UI on the configured store (127.0.0.1)",
+    configure_ui, cmd_ui)
+
+# %% ../nbs/20_cli.ipynb #c046
 def configure_schedule(p):
     p.add_argument("task", nargs="?", default="sentiment")
     p.add_argument("--versions", help="comma-separated version numbers (default: all)")
@@ -344,82 +371,92 @@ def cmd_schedule(a) -> int:
     print(schedule_text(rep)); print(f"exit {code}")
     return code
 
-# %% ../nbs/20_cli.ipynb #c028
-COMMANDS = {
-    "install-local": ("build llama-cpp-python portably (once) and install the embedded model",
-                      configure_install_local, cmd_install_local),
-    "doctor": ("check the embedded model's build on this CPU (a real forward pass in a child process)",
-               configure_doctor, cmd_doctor),
-    "demo": ("score every version of a task on its dataset (with MLflow: eval, gate, promote)",
-             configure_demo, cmd_demo),
-    "prompts": ("list and show prompt versions", configure_prompts, None),
-    "run": ("run one input through a task's pipeline", configure_run, cmd_run),
-    "eval": ("evaluate prompt versions on the task's dataset and log them to MLflow", configure_eval, cmd_eval),
-    "diff": ("impact of replacing version a by b: flipped examples, per label, cost and latency",
-             configure_diff, cmd_diff),
-    "promote": ("promote a version to production through the gate (moves the MLflow alias)",
-                configure_promote, cmd_promote),
-    "rollback": ("restore the previous production version", configure_rollback, cmd_rollback),
-    "stage": ("point the staging alias at a version", configure_stage, cmd_stage),
-    "history": ("print the task's promotion audit trail", configure_history, cmd_history),
-    "schedule": ("run the experiments notebooks with papermill (cron), then the regression watch",
-                 configure_schedule, cmd_schedule),
-    "ui": ("open the MLflow UI on the configured store (127.0.0.1)", configure_ui, cmd_ui),
-    "dashboard": ("print the monitoring dashboard (last 24 h), optionally as an HTML page",
-                  configure_dashboard, cmd_dashboard),
-    "feedback": ("record user feedback (correct label and/or score) on a call", configure_feedback, cmd_feedback),
-    "alerts": ("evaluate the alert rules and fire them (deduplicated)", configure_alerts, cmd_alerts),
-    "metrics": ("print or serve the Prometheus exposition of the metrics store", configure_metrics, cmd_metrics),
-    "shared": ("where the cache, breakers, budgets and rate limits live, and whether Redis answers",
-               configure_shared, cmd_shared),
-}
+COMMANDS["schedule"] = ("run the experiments notebooks with papermill (cron), then the regression watch",
+                        configure_schedule, cmd_schedule)
 
-GROUPS = {
-    "getting started": ["install-local", "doctor", "demo"],
-    "prompts": ["prompts", "run"],
-    "evaluate": ["eval", "diff"],
-    "promote": ["promote", "rollback", "stage", "history"],
-    "schedule": ["schedule", "ui"],
-    "monitor": ["dashboard", "feedback", "alerts", "metrics"],
-    "scale-out": ["shared"],
-}
+# %% ../nbs/20_cli.ipynb #c049
+def configure_dashboard(p):
+    p.add_argument("--task", help="only this task")
+    p.add_argument("--hours", type=float, help="window (default [alerts] window_hours)")
+    p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML page with plots")
+    p.add_argument("--bucket-minutes", type=float, help="plot bucket length (default: automatic)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of the box")
 
-def commands_text() -> str:
-    "The command list of `--help`, by group."
-    w = max(map(len, COMMANDS))
-    out = ["commands:"]
-    for group, names in GROUPS.items():
-        out.append(f"  {group}:")
-        out += [f"    {n:<{w}}  {COMMANDS[n][0]}" for n in names]
-    return "\n".join(out)
+def cmd_dashboard(a) -> int:
+    "Print the dashboard (and write the HTML page)."
+    from promptsys.monitor import summary, dashboard_text, dashboard_html
+    s = settings_from_args(a)
+    if a.json: print(json.dumps(summary(s, hours=a.hours, task=a.task), indent=1, default=str))
+    else: print(dashboard_text(s, hours=a.hours, task=a.task))
+    if a.html:
+        page = dashboard_html(a.html, s, hours=a.hours, task=a.task, bucket_minutes=a.bucket_minutes)
+        print(f"wrote {page}", file=sys.stderr)
+    return 0
 
-def parser() -> argparse.ArgumentParser:
-    "The `promptsys` argument parser: global options, then one subcommand."
-    p = argparse.ArgumentParser("promptsys", description="Versioned, evaluated, monitored LLM prompts.",
-                                epilog=commands_text() + "\n\n`promptsys COMMAND --help` explains one command.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--settings", help="settings file (default: $PROMPTSYS_SETTINGS or ./settings.ini)")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a setting (repeatable)")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", help="one of the commands below")
-    for name, (help_, configure, fn) in COMMANDS.items():
-        c = sub.add_parser(name, description=help_)    # no help=: the grouped list in the epilog shows them
-        configure(c)
-        if fn is not None: c.set_defaults(fn=fn)
-    return p
+COMMANDS["dashboard"] = ("print the monitoring dashboard (last 24 h), optionally as an HTML page",
+    configure_dashboard, cmd_dashboard)
 
-# %% ../nbs/20_cli.ipynb #c032
-def main(argv:list[str]|None=None) -> int:
-    "Entry point of the `promptsys` command."
-    a = parser().parse_args(argv)
-    try: return a.fn(a) or 0
-    except PromptsysError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        if e.hint: print(f"hint: {e.hint}", file=sys.stderr)
-        return 2 if isinstance(e, (InputValidationError, ConfigError, TemplateError, PromptNotFound)) else 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr); return 130
-    except BrokenPipeError:                      # `promptsys ... | head`: the reader left; not an error
-        sys.stderr.close(); return 0
+# %% ../nbs/20_cli.ipynb #c050
+def configure_feedback(p):
+    p.add_argument("request_id"); p.add_argument("--label", help="the correct label")
+    p.add_argument("--score", type=float, help="satisfaction in [0, 1]"); p.add_argument("--note", default="")
 
+def cmd_feedback(a) -> int:
+    "Record user feedback on one call."
+    from promptsys.metrics import record_feedback
+    print(json.dumps(record_feedback(a.request_id, a.score, a.label, settings_from_args(a), a.note)))
+    return 0
+
+COMMANDS["feedback"] = ("record user feedback (correct label and/or score) on a call",
+    configure_feedback, cmd_feedback)
+
+# %% ../nbs/20_cli.ipynb #c051
+def configure_alerts(p):
+    p.add_argument("--task"); p.add_argument("--hours", type=float)
+    p.add_argument("--dry-run", action="store_true", help="evaluate and print, send nothing")
+
+def cmd_alerts(a) -> int:
+    "Evaluate the alert rules and fire what they raise (deduplicated)."
+    from promptsys.monitor import evaluate_alerts, check_alerts, alerts_text
+    s = settings_from_args(a)
+    alerts = evaluate_alerts(s, a.hours, a.task) if a.dry_run else check_alerts(s, a.hours, a.task)
+    print(alerts_text(alerts, dry_run=a.dry_run))
+    return 0
+
+COMMANDS["alerts"] = ("evaluate the alert rules and fire them (deduplicated)",
+    configure_alerts, cmd_alerts)
+
+# %% ../nbs/20_cli.ipynb #c052
+def configure_metrics(p):
+    p.add_argument("--serve", type=int, metavar="PORT", help="serve /metrics on this port until interrupted")
+    p.add_argument("--addr", default="127.0.0.1", help="address to bind with --serve (0.0.0.0 for remote scrapers)")
+    p.add_argument("--hours", type=float)
+
+def cmd_metrics(a) -> int:
+    "Print the Prometheus exposition, or serve it."
+    from promptsys.monitor import prometheus_text, serve_metrics
+    s = settings_from_args(a)
+    if a.serve is None: sys.stdout.write(prometheus_text(s, a.hours)); return 0
+    serve_metrics(a.serve, s, a.addr, a.hours)
+    print(f"serving Prometheus metrics on http://{a.addr}:{a.serve}/metrics (Ctrl-C stops)", file=sys.stderr)
+    while True: time.sleep(3600)
+
+COMMANDS["metrics"] = ("print or serve the Prometheus exposition of the metrics store",
+    configure_metrics, cmd_metrics)
+
+# %% ../nbs/20_cli.ipynb #c056
+def configure_shared(p): p.add_argument("--json", action="store_true", help="print one JSON object")
+
+def cmd_shared(a) -> int:
+    "Where the cache, breakers, budgets and rate limits live, and whether Redis answers."
+    from promptsys.shared import status, status_text
+    st = status(settings_from_args(a))
+    print(json.dumps(st) if a.json else status_text(st))
+    return 0 if st.get("redis", "up") == "up" else 1
+
+COMMANDS["shared"] = ("where the cache, breakers, budgets and rate limits live, and whether Redis answers",
+                      configure_shared, cmd_shared)
+
+# %% ../nbs/20_cli.ipynb #c061
 # `python -m promptsys.cli ...`; a notebook running this cell has no `__file__`, so it does not exit
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(main())
