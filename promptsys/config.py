@@ -48,7 +48,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "redis": dict(use=("list", ""), url_env=("str", "PROMPTSYS_REDIS_URL"), key_prefix=("str", "promptsys"),
                   retry_seconds=("float", 5.0), timeout=("float", 0.25)),
     "mlflow": dict(tracking_uri=("str", "sqlite:///mlflow.db"), experiment_prefix=("str", "promptsys"),
-                   alias_cache_seconds=("float", 60.0)),
+                   alias_cache_seconds=("float", 5.0)),
     "eval": dict(concurrency=("int", 4), repeats=("int", 1), bad_rows=(("error", "skip"), "error"),
                  runs_dir=("path", "experiments/runs")),
     "gate": dict(min_gain=("float", 0.0), alpha=("float", 0.05), bootstrap=("int", 2000),
@@ -61,6 +61,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                    min_accuracy=("float", 0.0), budget_used=("float", 0.8),
                    latency_trend=("float", 1.5), dedup_seconds=("float", 3600.0),
                    webhook_url=("str", ""), window_hours=("float", 24.0)),
+    "rollout": dict(steps=("list", "5,25,50,100"), min_calls=("int", 50), alpha=("float", 0.05),
+                    shadow_workers=("int", 2), shadow_queue=("int", 64), check_seconds=("float", 10.0)),
 }
 FREE_SECTIONS = {"prices"}
 # Paths left empty live under [promptsys] state_dir, so one setting moves all of a service's state.

@@ -9,7 +9,8 @@ import os, re
 # %% auto #0
 __all__ = ['register_secret', 'redact', 'PromptsysError', 'ConfigError', 'PromptNotFound', 'TemplateError',
            'InputValidationError', 'OutputValidationError', 'ProviderError', 'ProviderTimeout', 'RateLimited',
-           'CircuitOpen', 'BudgetExceeded', 'CassetteMiss', 'DatasetError', 'GateFailed', 'TrackingError']
+           'CircuitOpen', 'BudgetExceeded', 'CassetteMiss', 'DatasetError', 'GateFailed', 'TrackingError',
+           'RolloutError']
 
 # %% ../nbs/00_errors.ipynb #c006
 _SECRET_NAME = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD)", re.I)
@@ -116,3 +117,7 @@ class GateFailed(PromptsysError):
 class TrackingError(PromptsysError):
     "MLflow tracking or the prompt registry failed."
     hint = "Check [mlflow] tracking_uri; run `promptsys ui` to inspect the store."
+
+class RolloutError(PromptsysError):
+    "A rollout step that cannot be taken: no rollout running, a bad share, the live evidence against it."
+    hint = "`promptsys rollout status TASK` shows the rollout and its live comparison."

@@ -43,7 +43,7 @@ def load_model(path:Path, # The GGUF file
 # %% ../nbs/06_local.ipynb #c009
 class LocalProvider(Provider):
     "llama.cpp in-process; deterministic greedy decoding constrained by the task's output schema."
-    name = "local"
+    name, shares_cpu = "local", True
     def __init__(self, model_path:str|Path|None=None, n_ctx:int=2048, n_threads:int=2, n_batch:int=512,
                  decoding:str="grammar", state_dir:str|Path|None=None):
         self.path = Path(model_path) if model_path else default_model_path()

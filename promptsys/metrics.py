@@ -17,8 +17,8 @@ alerts_log = logging.getLogger("promptsys.alerts")
 
 # %% auto #0
 __all__ = ['log', 'alerts_log', 'COLUMNS', 'MAX_QUEUE', 'alert_callbacks', 'percentile', 'connect', 'MetricsStore',
-           'metrics_store', 'db_path', 'flush_pending', 'record_feedback', 'on_alert', 'Alert', 'fire', 'raise_alert',
-           'watch_budget', 'TraceSink']
+           'metrics_store', 'db_path', 'flush_pending', 'record_feedback', 'record_event', 'events', 'on_alert',
+           'Alert', 'fire', 'raise_alert', 'watch_budget', 'TraceSink']
 
 # %% ../nbs/14_metrics.ipynb #c006
 def percentile(xs:list, # Numbers in any order (None values are skipped)
@@ -37,13 +37,14 @@ def percentile(xs:list, # Numbers in any order (None values are skipped)
 # %% ../nbs/14_metrics.ipynb #c012
 COLUMNS = ("ts", "request_id", "task", "version", "prompt_hash", "model", "provider", "endpoint", "latency_ms",
            "success", "error_type", "input_chars", "tokens_in", "tokens_out", "cost_usd", "cache_hit", "retries",
-           "fallback", "fallback_reason", "output_valid", "label", "input_hash")
+           "fallback", "fallback_reason", "output_valid", "label", "input_hash", "role", "output")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (id INTEGER PRIMARY KEY, ts REAL NOT NULL, request_id TEXT, task TEXT,
   version INTEGER, prompt_hash TEXT, model TEXT, provider TEXT, endpoint TEXT, latency_ms REAL, success INTEGER,
   error_type TEXT, input_chars INTEGER, tokens_in INTEGER, tokens_out INTEGER, cost_usd REAL, cache_hit INTEGER,
-  retries INTEGER, fallback INTEGER, fallback_reason TEXT, output_valid INTEGER, label TEXT, input_hash TEXT);
+  retries INTEGER, fallback INTEGER, fallback_reason TEXT, output_valid INTEGER, label TEXT, input_hash TEXT,
+  role TEXT, output TEXT);
 CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts);
 CREATE INDEX IF NOT EXISTS calls_task_ts ON calls(task, version, ts);
 CREATE INDEX IF NOT EXISTS calls_request ON calls(request_id);
@@ -54,8 +55,13 @@ CREATE TABLE IF NOT EXISTS alert_state (key TEXT PRIMARY KEY, last_fired REAL NO
   fired INTEGER NOT NULL DEFAULT 0, suppressed INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS alert_log (id INTEGER PRIMARY KEY, ts REAL NOT NULL, key TEXT, severity TEXT,
   message TEXT, details TEXT);
+CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, task TEXT,
+  details TEXT);
+CREATE INDEX IF NOT EXISTS events_kind_ts ON events(kind, ts);
 """
 _INSERT = f"INSERT INTO calls ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+# columns added after the first release: a database made before them gets them on its next connect
+_ADDED = {"role": "TEXT", "output": "TEXT"}
 
 # %% ../nbs/14_metrics.ipynb #c013
 def connect(db_path:str|Path) -> sqlite3.Connection:
@@ -66,6 +72,12 @@ def connect(db_path:str|Path) -> sqlite3.Connection:
         con = sqlite3.connect(str(p), timeout=30, check_same_thread=False, isolation_level=None)
         con.execute("PRAGMA journal_mode=WAL"); con.execute("PRAGMA synchronous=NORMAL")
         con.executescript(_SCHEMA)
+        have = {r[1] for r in con.execute("PRAGMA table_info(calls)")}
+        for col, kind in _ADDED.items():
+            if col not in have:
+                try: con.execute(f"ALTER TABLE calls ADD COLUMN {col} {kind}")
+                except sqlite3.OperationalError as e:            # another process added it meanwhile
+                    if "duplicate column" not in str(e): raise
     except (OSError, sqlite3.Error) as e:
         raise ConfigError(f"cannot open the metrics database {str(p)!r}: {e}",
                           "Point [monitor] db_path at a writable file.") from None
@@ -275,8 +287,8 @@ def record_feedback(request_id:str, # The `request_id` of the call (from `Result
     p = db_path(s); flush_pending(p)
     con = connect(p)
     try:
-        call = con.execute("SELECT task, version, label FROM calls WHERE request_id = ? ORDER BY id DESC LIMIT 1",
-                           (request_id,)).fetchone()
+        call = con.execute("SELECT task, version, label FROM calls WHERE request_id = ? AND role IS NOT 'shadow' "
+                           "ORDER BY id DESC LIMIT 1", (request_id,)).fetchone()
         if call and correct_label is not None:
             labels = _task_labels(call[0], s)
             if labels and correct_label not in labels:
@@ -290,6 +302,27 @@ def record_feedback(request_id:str, # The `request_id` of the call (from `Result
     task, version, label = call or (None, None, None)
     return dict(request_id=request_id, task=task, version=version, label=label, correct_label=correct_label,
                 score=score, correct=None if correct_label is None or call is None else label == correct_label)
+
+# %% ../nbs/14_metrics.ipynb #c062_2
+def record_event(kind:str, # What happened, e.g. 'alias_refresh_error'
+                 task:str|None=None, settings:Settings|str|Path|None=None, **details):
+    "Store one service event in the metrics database (never raises: an event is not worth a failed call)."
+    try:
+        con = connect(db_path(_settings(settings)))
+        try: con.execute("INSERT INTO events (ts, kind, task, details) VALUES (?, ?, ?, ?)",
+                         (time.time(), kind, task, json.dumps(details, default=str)))
+        finally: con.close()
+    except Exception as e: log.warning("cannot record event %s: %s", kind, redact(str(e)))
+
+def events(kind:str|None=None, since:float=0.0, settings:Settings|str|Path|None=None) -> list[dict]:
+    "The stored events (of one kind), oldest first."
+    con = connect(db_path(_settings(settings)))
+    try:
+        q, args = "SELECT ts, kind, task, details FROM events WHERE ts >= ?", [since]
+        if kind: q += " AND kind = ?"; args.append(kind)
+        rows = con.execute(q + " ORDER BY id", args).fetchall()
+        return [dict(ts=ts, kind=k, task=t, **json.loads(d or "{}")) for ts, k, t, d in rows]
+    finally: con.close()
 
 # %% ../nbs/14_metrics.ipynb #c064
 alert_callbacks: list = []      # callables(Alert) called for every alert that fires

@@ -4,12 +4,12 @@
 
 # %% ../nbs/15_pipeline.ipynb #c003
 from __future__ import annotations
-import hashlib, json, logging, os, time, threading
-from dataclasses import dataclass
+import hashlib, json, logging, os, queue, time, threading
+from dataclasses import dataclass, replace
 from pathlib import Path
 from fastcore.basics import patch
 from .errors import (PromptsysError, InputValidationError, OutputValidationError, ProviderError,
-                              BudgetExceeded, redact)
+                              BudgetExceeded, PromptNotFound, redact)
 from .config import Settings, get_settings, load_settings
 from .prompts import Task, PromptVersion, load_task
 from .validation import validate_input, parse_output
@@ -20,8 +20,11 @@ from .shared import cache_for, breaker_for, budget_for, rate_limiter_for
 from .cost import PriceTable
 from .balance import Target, Group
 
+log = logging.getLogger("promptsys.pipeline")
+
 # %% auto #0
-__all__ = ['records_log', 'Result', 'JSONLSink', 'Pipeline']
+__all__ = ['log', 'records_log', 'Result', 'JSONLSink', 'Pipeline', 'LiveEvents', 'Bound', 'Routes', 'route_bucket',
+           'ShadowQueue']
 
 # %% ../nbs/15_pipeline.ipynb #c007
 @dataclass(slots=True)
@@ -48,6 +51,8 @@ class Result:
     input_chars: int = 0
     timestamp: float = 0.0
     input_hash: str = ""       # sha256 (16 hex) of the validated input: same input, same hash (consistency)
+    role: str = "primary"      # 'primary', 'canary' (a rollout's candidate), 'retry' (production after the
+                               # candidate failed), 'shadow' (the staging version's answer nobody saw)
     @property
     def ok(self) -> bool: return self.error is None and self.output is not None
     @property
@@ -72,7 +77,8 @@ def to_record(self:Result) -> dict:
                 cost_usd=self.cost_usd, cache_hit=self.cache_hit, retries=self.retries, fallback=self.fallback,
                 fallback_reason=self.fallback_reason,
                 output_valid=self.output is not None and self.provider != "task",
-                label=self.label, input_hash=self.input_hash)
+                label=self.label, input_hash=self.input_hash, role=self.role,
+                output=None if self.output is None else json.dumps(self.output, separators=(",", ":")))
 
 # %% ../nbs/15_pipeline.ipynb #c015
 records_log = logging.getLogger("promptsys.records")
@@ -88,9 +94,9 @@ class JSONLSink:
 
 # %% ../nbs/15_pipeline.ipynb #c019
 class Pipeline:
-    "A task's prompt version bound to models, reliability layers, cache and records."
+    "A task's prompt version (or a live alias) bound to models, reliability layers, cache and records."
     def __init__(self, task:str|Task, # A task name (folder under prompts_dir) or a loaded `Task`
-                 version:int|str="latest", # A number, 'latest', or an alias ('production', 'staging')
+                 version:int|str="latest", # A number, 'latest', or an alias followed live ('production', ...)
                  *, settings:Settings|str|Path|None=None, # Settings, or a settings file (default: get_settings())
                  provider:Provider|None=None, # Use this provider instead of the one in settings
                  cache:bool|None=None, # Use the response cache (default: [cache] enabled)
@@ -100,7 +106,7 @@ class Pipeline:
         if isinstance(settings, (str, Path)): settings = load_settings(settings)
         self.settings = s = settings or get_settings()
         self.task = task if isinstance(task, Task) else load_task(task, s.promptsys.prompts_dir)
-        self.prompt = self.resolve_version(version)
+        self.live, self._alias, self._fixed = self._follow(version)
         self.mode = mode or s.promptsys.mode
         d = self.task.defaults
         self.max_tokens = max_tokens or s.model.max_tokens or int(d.get("max_tokens", 64))
@@ -121,13 +127,15 @@ class Pipeline:
         self._log = s.promptsys.records == "log"
         self._var = self.task.input.variable
         self._cascade = bool(s.model.cascade)
-        p = self.provider
-        # Everything but the rendered prompt is fixed per pipeline: hash it into the key's prefix once.
-        self._key_prefix = cache_key(self.prompt.hash, p.name, p.model, getattr(p, "decoding", ""),
-                                     self.max_tokens, self.temperature, self.seed)
+        self._shadows = None                             # the ShadowQueue, made when a rollout first shadows
+        self._route = self._bind(self.live.current if self.live else None)
 
     @property
     def provider(self) -> Provider: return self.groups[0].targets[0].provider
+    @property
+    def prompt(self) -> PromptVersion:
+        "The version a call made now gets (production's, under a canary: see `routes`)."
+        return self.routes().primary.prompt
 
     def __repr__(self):
         chain = " → ".join(f"{g.targets[0].provider.name}:{g.targets[0].provider.model}" for g in self.groups)
@@ -141,6 +149,31 @@ def resolve_version(self:Pipeline, version) -> PromptVersion:
     if isinstance(version, str) and version.lower() in ALIASES:
         return resolve_alias(self.task, version.lower(), self.settings)
     return self.task.version(version)
+
+@patch
+def _follow(self:Pipeline, version) -> tuple:
+    "(the task's `LiveVersions`, the alias, None) for an alias; (None, None, the version) for a fixed one."
+    from promptsys.registry import ALIASES, live_versions
+    if not (isinstance(version, str) and version.lower() in ALIASES): return None, None, self.task.version(version)
+    lv = live_versions(self.task, self.settings)
+    if lv.current.get(version.lower()) is None: self.resolve_version(version)    # raises PromptNotFound with a hint
+    if self.settings.monitor.enabled:
+        ev = LiveEvents(self.settings)
+        if ev not in lv.listeners: lv.listeners.append(ev)
+    return lv, version.lower(), None
+
+# %% ../nbs/15_pipeline.ipynb #c021_2
+class LiveEvents:
+    "A `LiveVersions` listener that stores its events in the metrics database as `alias_<event>`."
+    def __init__(self, settings:Settings):
+        from promptsys.metrics import db_path
+        self.settings, self.db = settings, str(db_path(settings))
+    def __call__(self, event:str, details:dict):
+        from promptsys.metrics import record_event
+        d = dict(details); task = d.pop("task", None)
+        record_event(f"alias_{event}", task, self.settings, **d)
+    def __eq__(self, other): return isinstance(other, LiveEvents) and other.db == self.db
+    __hash__ = None
 
 # %% ../nbs/15_pipeline.ipynb #c023
 def _spec(spec:str) -> tuple[str, str|None, str|None]:
@@ -175,6 +208,161 @@ def _build_groups(self:Pipeline, provider) -> list[Group]:
     self._downgrade = self._group(b.downgrade_to) if b.on_exceed == "downgrade" and b.downgrade_to else None
     return chain + [self._group(f) for f in s.model.fallbacks]
 
+# %% ../nbs/15_pipeline.ipynb #c027_2
+@dataclass(frozen=True, slots=True)
+class Bound:
+    "A version as a pipeline serves it: the prompt, its cache-key prefix and the role its answers are recorded as."
+    prompt: PromptVersion
+    key_prefix: str
+    role: str = "primary"
+
+@dataclass(frozen=True, slots=True)
+class Routes:
+    "Where calls go under one live state (`registry.Live`); fixed until the next one."
+    live: object                   # the `Live` these came from (None for a pipeline on a fixed version)
+    primary: Bound
+    canary: Bound|None = None      # a rollout's candidate, for `percent` of the callers
+    percent: float = 0.0
+    shadow: Bound|None = None      # the candidate again, run unseen beside `shadow_percent` of production's calls
+    shadow_percent: float = 0.0
+    salt: str = ""                 # the rollout's id: each rollout draws its own callers
+
+# %% ../nbs/15_pipeline.ipynb #c027_4
+@patch
+def _bound(self:Pipeline, pv:PromptVersion, role:str="primary") -> Bound:
+    "`pv` with its cache-key prefix."
+    p = self.provider
+    return Bound(pv, cache_key(pv.hash, p.name, p.model, getattr(p, "decoding", ""), self.max_tokens,
+                               self.temperature, self.seed), role)
+
+# %% ../nbs/15_pipeline.ipynb #c027_6
+@patch
+def _bind(self:Pipeline, live) -> Routes:
+    "The routes of one live state: the alias's version and, under a rollout, the candidate's shares."
+    if live is None: return Routes(None, self._bound(self._fixed))
+    pv = live.get(self._alias)
+    if pv is None:                 # the alias was deleted under a running service: keep serving what it served
+        old = getattr(self, "_route", None)
+        if old is None: raise PromptNotFound(f"{self.task.name} has no {self._alias!r} alias",
+                                             f"Set it: `promptsys promote {self.task.name}` or `promptsys stage`.")
+        log.warning("%s: alias %r is gone; still serving v%s", self.task.name, self._alias, old.primary.prompt.number)
+        return replace(old, live=live)
+    primary, ro, cand = self._bound(pv), live.rollout or {}, live.get("staging")
+    if self._alias != "production" or not ro or cand is None or cand.hash == pv.hash: return Routes(live, primary)
+    if ro.get("hash") and ro["hash"] != cand.hash:
+        log.warning("%s: staging (v%s) is not the rollout's candidate; the rollout is ignored", self.task.name,
+                    cand.number)
+        return Routes(live, primary)
+    pct, sh = float(ro.get("percent") or 0.0), float(ro.get("shadow") or 0.0)
+    return Routes(live, primary, self._bound(cand, "canary") if pct > 0 else None, pct,
+                  self._bound(cand, "shadow") if sh > 0 else None, sh, str(ro.get("id", "")))
+
+@patch
+def routes(self:Pipeline) -> Routes:
+    "The routes a call made now follows (rebound once when the live state moved since the last call)."
+    r, lv = self._route, self.live
+    if lv is not None and r.live is not lv.current: r = self._route = self._bind(lv.current)
+    return r
+
+# %% ../nbs/15_pipeline.ipynb #c027_8
+def route_bucket(key:str, salt:str="") -> int:
+    "A caller's bucket in 0..9999: the same key (and salt) always gets the same bucket."
+    return int.from_bytes(hashlib.blake2b(f"{salt}\x1f{key}".encode(), digest_size=8).digest(), "big") % 10_000
+
+@patch
+def _pick(self:Pipeline, r:Routes, key:str) -> Bound:
+    "The candidate for the callers whose bucket is under its share, production for the others."
+    return r.canary if route_bucket(key, r.salt) < r.percent * 100 else r.primary
+
+# %% ../nbs/15_pipeline.ipynb #c027_11
+class ShadowQueue:
+    "Shadow calls off the callers' path: bounded, and dropping (counted) what does not fit."
+    def __init__(self, workers:int=2, size:int=64, idle_only:bool=False,
+                 idle_seconds:float=0.05): # idle_only: a job runs only after this long without a caller
+        self.idle_only, self.idle_seconds, self.in_flight, self.calls = idle_only, idle_seconds, 0, 0
+        self.submitted = self.dropped = self.done = self.failed = 0
+        self._q, self._lock = queue.Queue(max(1, size)), threading.Lock()
+        for i in range(max(1, workers)):
+            threading.Thread(target=self._work, daemon=True, name=f"promptsys-shadow-{i}").start()
+    def __repr__(self): return f"ShadowQueue({self.stats()})"
+
+# %% ../nbs/15_pipeline.ipynb #c027_12
+class _Caller:
+    "Counts a caller's call in flight while it runs (the `idle_only` queue drops work meanwhile)."
+    def __init__(self, q:ShadowQueue): self.q = q
+    def __enter__(self):
+        with self.q._lock: self.q.in_flight += 1; self.q.calls += 1
+    def __exit__(self, *exc):
+        with self.q._lock: self.q.in_flight -= 1
+
+@patch
+def caller(self:ShadowQueue) -> _Caller: return _Caller(self)
+
+@patch
+def _count(self:ShadowQueue, what:str):
+    with self._lock: setattr(self, what, getattr(self, what) + 1)
+
+@patch
+def submit(self:ShadowQueue, job) -> bool:
+    "Queue `job` (a callable); False (and counted as dropped) when the queue is full."
+    try: self._q.put_nowait(job)
+    except queue.Full: self._count("dropped"); return False
+    self._count("submitted"); return True
+
+@patch
+def _idle(self:ShadowQueue) -> bool:
+    "No caller in flight now, and none arrived during `idle_seconds` (back-to-back callers leave no room)."
+    seen = self.calls
+    if self.in_flight: return False
+    time.sleep(self.idle_seconds)
+    return not self.in_flight and self.calls == seen
+
+@patch
+def _work(self:ShadowQueue):
+    while True:
+        job = self._q.get()
+        try:
+            if self.idle_only and not self._idle(): self._count("dropped"); continue
+            job(); self._count("done")
+        except Exception as e: self._count("failed"); log.warning("shadow call failed: %s", redact(str(e))[:300])
+        finally: self._q.task_done()
+
+@patch
+def stats(self:ShadowQueue) -> dict:
+    "Shadow jobs submitted, dropped, done and failed so far, and waiting now."
+    return dict(submitted=self.submitted, dropped=self.dropped, done=self.done, failed=self.failed,
+                queued=self._q.qsize())
+
+@patch
+def join(self:ShadowQueue, timeout:float=30.0) -> bool:
+    "Wait until every queued job has run (True) or `timeout` passed (False)."
+    end = time.monotonic() + timeout
+    while self._q.unfinished_tasks and time.monotonic() < end: time.sleep(0.005)
+    return not self._q.unfinished_tasks
+
+# %% ../nbs/15_pipeline.ipynb #c027_15
+_queue_lock = threading.Lock()
+
+@patch
+def _shadow_queue(self:Pipeline, r:Routes) -> ShadowQueue|None:
+    "The pipeline's shadow queue while the routes shadow (made on first use), else None."
+    if r.shadow is None: return None
+    if self._shadows is None:
+        with _queue_lock:
+            if self._shadows is None:
+                ro, cpu = self.settings.rollout, self.provider.shares_cpu
+                self._shadows = ShadowQueue(1 if cpu else ro.shadow_workers, 1 if cpu else ro.shadow_queue, cpu)
+    return self._shadows
+
+@patch
+def _sampled(self:Pipeline, call) -> bool:
+    return route_bucket(call.request_id, call.routes.salt + "/shadow") < call.routes.shadow_percent * 100
+
+@patch
+def shadow_stats(self:Pipeline) -> dict:
+    "The shadow queue's counters ({} before any shadowing)."
+    return self._shadows.stats() if self._shadows is not None else {}
+
 # %% ../nbs/15_pipeline.ipynb #c041
 @dataclass(slots=True)
 class _Call:
@@ -191,39 +379,55 @@ class _Call:
     fallback_reason: str = ""
     downgraded: bool = False
     input_hash: str = ""
+    b: Bound|None = None            # the version this call runs, as `routes` bound it
+    routes: Routes|None = None      # the routes of the live state the call started under
+    variables: dict|None = None     # the template variables, the validated input included
 
 def _rid() -> str: return os.urandom(8).hex()
 
 # %% ../nbs/15_pipeline.ipynb #c044
 @patch
-def _key(self:Pipeline, prompt:str) -> str:
-    "The cache key of a rendered prompt: SHA-256 of the fixed prefix and the prompt text."
-    return hashlib.sha256(f"{self._key_prefix}\x1e{prompt}".encode()).hexdigest()
+def _key(self:Pipeline, prompt:str, prefix:str|None=None) -> str:
+    "The cache key of a rendered prompt: SHA-256 of its version's fixed prefix (default: production's) and the text."
+    return hashlib.sha256(f"{prefix or self._route.primary.key_prefix}\x1e{prompt}".encode()).hexdigest()
 
 # %% ../nbs/15_pipeline.ipynb #c047
 @patch
-def _prepare(self:Pipeline, value, variables:dict, request_id, use_cache:bool) -> _Call:
-    call = _Call(request_id or _rid(), time.perf_counter())
+def _prepare(self:Pipeline, value, variables:dict, request_id, use_cache:bool, route_key:str|None=None) -> _Call:
+    r = self.routes()
+    call = _Call(request_id or _rid(), time.perf_counter(), b=r.primary, routes=r)
     try:
         if isinstance(value, dict): variables, value = {**value, **variables}, value.get(self._var)
         call.text = validate_input(value, self.task.input)
         call.input_hash = hashlib.sha256(call.text.encode()).hexdigest()[:16]
-        call.prompt = self.prompt.render(**{**variables, self._var: call.text})
+        call.variables = {**variables, self._var: call.text}
+        if r.canary is not None: call.b = self._pick(r, route_key or call.input_hash)
+        call.prompt = self._render(call)
     except PromptsysError as e:
         self._emit(self._failure(call, e))
         raise
-    if self.cache is not None: call.key = self._key(call.prompt)
+    if self.cache is not None: call.key = self._key(call.prompt, call.b.key_prefix)
     return call
+
+@patch
+def _render(self:Pipeline, call:_Call) -> str:
+    "The call's prompt; a candidate that cannot render it (its template wants other variables) leaves it to production."
+    try: return call.b.prompt.render(**call.variables)
+    except PromptsysError as e:
+        if call.b.role != "canary": raise
+        self._emit(self._failure(call, e))
+        call.b = replace(call.routes.primary, role="retry")
+        return call.b.prompt.render(**call.variables)
 
 # %% ../nbs/15_pipeline.ipynb #c051
 @patch
 def _from_cache(self:Pipeline, call:_Call) -> Result|None:
     hit = self.cache.get(call.key) if call.key else None
     if hit is None: return None
-    r = Result(hit["output"], hit["raw"], self.task.name, self.prompt.number, self.prompt.hash, hit["model"],
+    r = Result(hit["output"], hit["raw"], self.task.name, call.b.prompt.number, call.b.prompt.hash, hit["model"],
                hit["provider"], hit["endpoint"], hit["tokens_in"], hit["tokens_out"], 0.0,
                (time.perf_counter() - call.t0) * 1e3, True, call.request_id, input_chars=len(call.text),
-               timestamp=time.time())
+               timestamp=time.time(), input_hash=call.input_hash, role=call.b.role)
     self._emit(r)
     return r
 
@@ -251,10 +455,10 @@ def _emit(self:Pipeline, r:Result):
 # %% ../nbs/15_pipeline.ipynb #c062
 @patch
 def _success(self:Pipeline, call:_Call, c:Completion, out:dict, fallback:bool) -> Result:
-    r = Result(out, c.text, self.task.name, self.prompt.number, self.prompt.hash, c.model, c.provider,
+    r = Result(out, c.text, self.task.name, call.b.prompt.number, call.b.prompt.hash, c.model, c.provider,
                c.endpoint, call.tokens_in, call.tokens_out, call.cost, (time.perf_counter() - call.t0) * 1e3,
                False, call.request_id, call.retries, fallback, call.fallback_reason if fallback else "",
-               input_chars=len(call.text), timestamp=time.time(), input_hash=call.input_hash)
+               input_chars=len(call.text), timestamp=time.time(), input_hash=call.input_hash, role=call.b.role)
     if call.key and not fallback:
         self.cache.set(call.key, dict(output=out, raw=c.text, model=c.model, provider=c.provider,
                                       endpoint=c.endpoint, tokens_in=c.tokens_in, tokens_out=c.tokens_out))
@@ -264,21 +468,24 @@ def _success(self:Pipeline, call:_Call, c:Completion, out:dict, fallback:bool) -
 # %% ../nbs/15_pipeline.ipynb #c063
 @patch
 def _failure(self:Pipeline, call:_Call, err:PromptsysError) -> Result:
-    return Result(None, "", self.task.name, self.prompt.number, self.prompt.hash, tokens_in=call.tokens_in,
+    return Result(None, "", self.task.name, call.b.prompt.number, call.b.prompt.hash, tokens_in=call.tokens_in,
                   tokens_out=call.tokens_out, cost_usd=call.cost, latency_ms=(time.perf_counter() - call.t0) * 1e3,
                   request_id=call.request_id, retries=call.retries, error=err.to_dict(), input_chars=len(call.text),
-                  timestamp=time.time(), input_hash=call.input_hash)
+                  timestamp=time.time(), input_hash=call.input_hash, role=call.b.role)
 
 # %% ../nbs/15_pipeline.ipynb #c069
 @patch
 def _give_up(self:Pipeline, call:_Call, err:PromptsysError) -> Result:
     "Every model failed: the task's fallback answer in service mode, the typed error in strict mode."
+    if call.b.role in ("canary", "shadow"):     # production answers the caller instead: record the failure, no answer
+        self._emit(self._failure(call, err))
+        return None
     fb = self.task.fallback
     if self.mode == "service" and fb is not None and not isinstance(err, InputValidationError):
-        r = Result(dict(fb), "", self.task.name, self.prompt.number, self.prompt.hash, "fallback", "task", "",
+        r = Result(dict(fb), "", self.task.name, call.b.prompt.number, call.b.prompt.hash, "fallback", "task", "",
                    call.tokens_in, call.tokens_out, call.cost, (time.perf_counter() - call.t0) * 1e3, False,
                    call.request_id, call.retries, True, f"{type(err).__name__}: {err.message}"[:300],
-                   input_chars=len(call.text), timestamp=time.time(), input_hash=call.input_hash)
+                   input_chars=len(call.text), timestamp=time.time(), input_hash=call.input_hash, role=call.b.role)
         self._emit(r)
         return r
     self._emit(self._failure(call, err))
@@ -347,14 +554,33 @@ def _walk(self:Pipeline, call:_Call):
             if not self._cascade: break
     return self._give_up(call, last)
 
+# %% ../nbs/15_pipeline.ipynb #c092_2
+@patch
+def _on_production(self:Pipeline, call:_Call) -> _Call:
+    "The call again on production's version, after the candidate failed it (the clock keeps running)."
+    b = replace(call.routes.primary, role="retry")
+    c = _Call(call.request_id, call.t0, call.text, b.prompt.render(**call.variables), b=b, routes=call.routes,
+              variables=call.variables, input_hash=call.input_hash)
+    if self.cache is not None: c.key = self._key(c.prompt, b.key_prefix)
+    return c
+
+@patch
+def _shadow_job(self:Pipeline, call:_Call):
+    "A callable that runs `call`'s input on the shadow version and records the answer (role 'shadow')."
+    r = call.routes
+    def job():
+        sc = _Call(call.request_id, time.perf_counter(), call.text, b=r.shadow, routes=r, variables=call.variables,
+                   input_hash=call.input_hash)
+        try: sc.prompt = r.shadow.prompt.render(**call.variables)
+        except PromptsysError as e: self._emit(self._failure(sc, e)); return
+        if self.cache is not None: sc.key = self._key(sc.prompt, r.shadow.key_prefix)
+        self._complete(sc, True)
+    return job
+
 # %% ../nbs/15_pipeline.ipynb #c094
 @patch
-def run(self:Pipeline, value, # The input text (or a dict of template variables)
-        *, cache:bool=True, # False skips the cache lookup for this call (the fresh answer is still stored)
-        request_id:str|None=None, # Correlation id (default: a random one)
-        **variables) -> Result:
-    "Run the pipeline on one input."
-    call = self._prepare(value, variables, request_id, cache)
+def _complete(self:Pipeline, call:_Call, cache:bool) -> Result|None:
+    "The cache, then the chain of models: the call's result (None when a candidate or shadow version failed it)."
     if cache and (r := self._from_cache(call)): return r
     self._request(call)
     walk = self._walk(call)
@@ -367,11 +593,43 @@ def run(self:Pipeline, value, # The input text (or a dict of template variables)
     except StopIteration as done: return done.value
     finally: walk.close()
 
+@patch
+def run(self:Pipeline, value, # The input text (or a dict of template variables)
+        *, cache:bool=True, # False skips the cache lookup for this call (the fresh answer is still stored)
+        request_id:str|None=None, # Correlation id (default: a random one)
+        route_key:str|None=None, # Who is calling, for sticky canary routing (default: the input's hash)
+        **variables) -> Result:
+    "Run the pipeline on one input."
+    call = self._prepare(value, variables, request_id, cache, route_key)
+    q = self._shadow_queue(call.routes)
+    if q is None:
+        r = self._complete(call, cache)
+        return r if r is not None else self._complete(self._on_production(call), cache)
+    with q.caller():
+        r = self._complete(call, cache)
+        if r is None: r = self._complete(self._on_production(call), cache)
+    if call.b.role == "primary" and self._sampled(call): q.submit(self._shadow_job(call))
+    return r
+
 # %% ../nbs/15_pipeline.ipynb #c102
 @patch
-async def arun(self:Pipeline, value, *, cache:bool=True, request_id:str|None=None, **variables) -> Result:
+async def arun(self:Pipeline, value, *, cache:bool=True, request_id:str|None=None, route_key:str|None=None,
+               **variables) -> Result:
     "Run the pipeline on one input, asynchronously."
-    call = self._prepare(value, variables, request_id, cache)
+    call = self._prepare(value, variables, request_id, cache, route_key)
+    q = self._shadow_queue(call.routes)
+    if q is None:
+        r = await self._acomplete(call, cache)
+        return r if r is not None else await self._acomplete(self._on_production(call), cache)
+    with q.caller():
+        r = await self._acomplete(call, cache)
+        if r is None: r = await self._acomplete(self._on_production(call), cache)
+    if call.b.role == "primary" and self._sampled(call): q.submit(self._shadow_job(call))
+    return r
+
+@patch
+async def _acomplete(self:Pipeline, call:_Call, cache:bool) -> Result|None:
+    "`_complete`, asynchronously."
     if cache and (r := self._from_cache(call)): return r
     self._request(call)
     walk = self._walk(call)

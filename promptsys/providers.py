@@ -57,6 +57,7 @@ class Provider:
     name = "base"
     model = ""
     endpoint = ""
+    shares_cpu = False   # True for a model that runs in this process: it competes with the caller for the CPU
     def complete(self, req:Request) -> Completion: raise NotImplementedError
     async def acomplete(self, req:Request) -> Completion:
         import asyncio

@@ -4,7 +4,9 @@
 
 # %% ../nbs/13_registry.ipynb #c003
 from __future__ import annotations
-import json, logging, os, socket, sys, time
+import json, logging, os, socket, sys, threading, time
+from dataclasses import dataclass
+from fastcore.basics import patch
 from datetime import datetime, timezone
 from pathlib import Path
 from .errors import PromptNotFound, TrackingError
@@ -14,10 +16,12 @@ from .prompts import Task, PromptVersion
 log = logging.getLogger("promptsys.registry")
 
 # %% auto #0
-__all__ = ['log', 'ALIASES', 'tracking_uri', 'experiment_name', 'prompt_name', 'check_tracking', 'mlflow_client',
+__all__ = ['log', 'ALIASES', 'ROLLOUT_TAG', 'tracking_uri', 'experiment_name', 'prompt_name', 'check_tracking', 'mlflow_client',
            'ensure_experiment', 'mlflow_ui_command', 'parse_versions', 'registry_versions', 'register_version',
            'latest_runs', 'task_experiment', 'current_alias', 'alias_number', 'utc_now', 'aliases_path', 'read_aliases',
-           'write_aliases', 'sync_aliases', 'clear_alias_cache', 'resolve_alias']
+           'write_aliases', 'sync_aliases', 'clear_alias_cache', 'resolve_alias', 'Live', 'read_rollout_file',
+           'read_rollout', 'set_rollout', 'resolve_live', 'follow_seconds', 'LiveVersions', 'same_live',
+           'live_versions', 'wake_live', 'stop_live']
 
 # %% ../nbs/13_registry.ipynb #c007
 def tracking_uri(settings:Settings) -> str:
@@ -208,10 +212,12 @@ def sync_aliases(client, task:Task, settings:Settings,
 
 # %% ../nbs/13_registry.ipynb #c059
 _alias_cache: dict = {}
+_live: dict = {}          # the process's `LiveVersions`, by (task folder, tracking URI): see below
 
 def clear_alias_cache():
-    "Forget the aliases resolved in this process (the next `resolve_alias` asks MLflow again)."
+    "Forget the aliases resolved in this process (the next `resolve_alias` asks MLflow again; live states refresh)."
     _alias_cache.clear()
+    for lv in list(_live.values()): lv.refresh()
 
 def _local_version(t:Task, number:int, h:str, template:str|None=None) -> PromptVersion:
     for pv in t.versions.values():
@@ -264,3 +270,185 @@ def resolve_alias(task:Task, # The loaded task
         pv = _local_version(task, known["version"], known["hash"])
     _alias_cache[key] = (time.monotonic(), pv)
     return pv
+
+# %% ../nbs/13_registry.ipynb #c068_2
+ROLLOUT_TAG = "promptsys.rollout"
+
+@dataclass(frozen=True)
+class Live:
+    "One resolution of a task's live state: what a running service serves until the next one."
+    versions: dict        # {alias: PromptVersion} for every alias that is set
+    rollout: dict|None    # the rollout state (`set_rollout`), None when no rollout is on
+    source: str           # 'mlflow', or 'aliases.json' when MLflow was unreachable
+    at: float             # time.time() of the resolution
+    def get(self, alias:str) -> PromptVersion|None:
+        "The version under `alias` (None when it is not set)."
+        return self.versions.get(alias)
+
+# %% ../nbs/13_registry.ipynb #c068_4
+def read_rollout_file(task:Task) -> dict|None:
+    "The rollout state last written to aliases.json (None if none)."
+    p = aliases_path(task)
+    try: return json.loads(p.read_text(encoding="utf-8")).get("rollout") if p.is_file() else None
+    except (ValueError, OSError): return None
+
+def _write_live_file(task:Task, aliases:dict, rollout:dict|None):
+    if read_aliases(task) == aliases and read_rollout_file(task) == rollout and aliases_path(task).is_file(): return
+    p = aliases_path(task)
+    tmp = p.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+    body = {"task": task.name, "note": "last known MLflow alias resolution (written by promptsys)", "aliases": aliases}
+    if rollout: body["rollout"] = rollout
+    tmp.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, p)
+
+# %% ../nbs/13_registry.ipynb #c068_6
+def read_rollout(client, task:Task, settings:Settings) -> dict|None:
+    "The rollout state on the task's registry prompt (None when no rollout is on)."
+    p = client.get_prompt(prompt_name(task.name, settings))
+    raw = (p.tags or {}).get(ROLLOUT_TAG) if p is not None else None
+    return json.loads(raw) if raw else None
+
+def set_rollout(client, task:Task, settings:Settings, state:dict|None):
+    "Write (or with None, clear) the rollout state in the registry and in aliases.json."
+    name = prompt_name(task.name, settings)
+    if state: client.set_prompt_tag(name, ROLLOUT_TAG, json.dumps(state, sort_keys=True))
+    elif read_rollout(client, task, settings) is not None: client.delete_prompt_tag(name, ROLLOUT_TAG)
+    try: _write_live_file(task, read_aliases(task), state or None)
+    except OSError as e: log.debug("cannot write aliases.json: %s", e)
+
+# %% ../nbs/13_registry.ipynb #c068_8
+def _live_mlflow(task:Task, s:Settings) -> Live:
+    uri = tracking_uri(s)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise TrackingError(f"tracking store {uri} does not exist")
+    client = mlflow_client(s)
+    old, entries, versions = read_aliases(task), {}, {}
+    for a in ALIASES:
+        rv = current_alias(client, task, a, s)
+        if rv is None: continue
+        versions[a] = _local_version(task, int(rv.tags.get("version", 0)), rv.tags.get("hash", ""), rv.template)
+        same = old.get(a, {}).get("hash") == rv.tags.get("hash")
+        entries[a] = _alias_entry(rv, (old.get(a, {}).get("since") if same else None) or utc_now())
+    rollout = read_rollout(client, task, s) if versions else None
+    try: _write_live_file(task, entries, rollout)
+    except OSError as e: log.debug("cannot write aliases.json: %s", e)
+    return Live(versions, rollout, "mlflow", time.time())
+
+def _live_file(task:Task) -> Live:
+    versions = {}
+    for a, e in read_aliases(task).items():
+        try: versions[a] = _local_version(task, e["version"], e["hash"])
+        except (PromptNotFound, KeyError) as err: log.warning("aliases.json %s: %s", a, err)
+    return Live(versions, read_rollout_file(task), "aliases.json", time.time())
+
+def resolve_live(task:Task, settings:Settings|None=None) -> Live:
+    "The task's live state from MLflow, or from aliases.json when MLflow is unreachable."
+    s = settings or get_settings()
+    try: return _live_mlflow(task, s)
+    except PromptNotFound: raise
+    except Exception as e:
+        why, live = f"{type(e).__name__}: {e}"[:200], _live_file(task)
+        if not live.versions:
+            raise PromptNotFound(f"cannot resolve {task.name}'s aliases: MLflow is unreachable ({why}) and "
+                                 f"{aliases_path(task)} has no last known version",
+                                 "Fix [mlflow] tracking_uri, or pin a version number instead of an alias.") from None
+        log.warning("MLflow unreachable (%s); serving %s from %s", why, task.name, aliases_path(task).name)
+        return live
+
+# %% ../nbs/13_registry.ipynb #c068_10
+def follow_seconds(settings:Settings) -> float:
+    "How long a running service takes at most to follow a move: one refresh period (at least a second)."
+    return max(1.0, float(settings.mlflow.alias_cache_seconds))
+
+class LiveVersions:
+    "A task's live state, re-resolved in the background every `[mlflow] alias_cache_seconds`."
+    def __init__(self, task:Task, settings:Settings):
+        self.task, self.settings = task, settings
+        self.period = max(1.0, float(settings.mlflow.alias_cache_seconds))
+        self.refreshes, self.errors, self.changes, self.last_error, self.down = 0, 0, 0, "", False
+        self.listeners: list = []       # callables (event, details): 'refresh_error', 'recovered', 'changed'
+        self.current: Live = resolve_live(task, settings)
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"promptsys-live-{task.name}")
+        self._thread.start()
+    def __repr__(self):
+        v = {a: pv.number for a, pv in self.current.versions.items()}
+        return f"LiveVersions({self.task.name} {v}, rollout={self.current.rollout}, from {self.current.source})"
+
+# %% ../nbs/13_registry.ipynb #c068_12
+def same_live(a:Live, b:Live) -> bool:
+    "Whether two resolutions serve the same versions (by hash) with the same rollout."
+    return ({k: v.hash for k, v in a.versions.items()} == {k: v.hash for k, v in b.versions.items()}
+            and a.rollout == b.rollout)
+
+# %% ../nbs/13_registry.ipynb #c068_13
+@patch
+def _tell(self:LiveVersions, event:str, **details):
+    for f in list(self.listeners):
+        try: f(event, dict(task=self.task.name, **details))
+        except Exception as e: log.debug("live listener %r failed: %s", f, e)
+
+@patch
+def refresh(self:LiveVersions) -> Live:
+    "Re-resolve now from MLflow (keeping the last known state when that fails); the current state."
+    self.refreshes += 1
+    try: new = _live_mlflow(self.task, self.settings)
+    except Exception as e:
+        self.errors += 1; self.last_error = f"{type(e).__name__}: {e}"[:300]
+        if not self.down:
+            log.warning("%s: MLflow unreachable (%s); serving the last known versions until it is back",
+                        self.task.name, self.last_error)
+        self.down = True
+        self._tell("refresh_error", error=self.last_error)
+        return self.current
+    if self.down: log.warning("%s: MLflow reachable again", self.task.name); self._tell("recovered")
+    self.down = False
+    if not same_live(new, self.current):
+        self.changes += 1
+        self._tell("changed", before={a: v.number for a, v in self.current.versions.items()},
+                   after={a: v.number for a, v in new.versions.items()}, rollout=new.rollout)
+    self.current = new                # one reference swap: the next call sees all of it
+    return new
+
+# %% ../nbs/13_registry.ipynb #c068_14
+@patch
+def _loop(self:LiveVersions):
+    while not self._stop.is_set():
+        self._wake.wait(self.period)
+        if self._stop.is_set(): break
+        self._wake.clear()
+        try: self.refresh()
+        except Exception as e: log.error("%s: live refresh failed: %s", self.task.name, e)
+
+@patch
+def wake(self:LiveVersions):
+    "Refresh now instead of at the end of the period (a promote in this process calls it)."
+    self._wake.set()
+
+@patch
+def stop(self:LiveVersions):
+    "Stop the refresh thread."
+    self._stop.set(); self._wake.set(); self._thread.join(timeout=5)
+
+# %% ../nbs/13_registry.ipynb #c068_16
+_live_lock = threading.Lock()
+
+def live_versions(task:Task, settings:Settings) -> LiveVersions:
+    "The process's `LiveVersions` of `task` on the configured store (made on first use)."
+    key = (str(Path(task.dir).resolve()), tracking_uri(settings))
+    with _live_lock:
+        lv = _live.get(key)
+        if lv is None or lv._stop.is_set(): lv = _live[key] = LiveVersions(task, settings)
+        elif time.time() - lv.current.at >= settings.mlflow.alias_cache_seconds: lv.refresh()
+    return lv
+
+def wake_live(task_name:str|None=None):
+    "Refresh this process's live states (of one task, or all) now: a move made in this process is served at once."
+    for lv in list(_live.values()):
+        if task_name is None or lv.task.name == task_name: lv.refresh()
+
+def stop_live():
+    "Stop every live refresh thread of this process (tests; a service's shutdown)."
+    with _live_lock:
+        for lv in _live.values(): lv.stop()
+        _live.clear()

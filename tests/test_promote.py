@@ -151,6 +151,7 @@ def test_serving_survives_an_unreachable_tracking_server(env):
     assert p.prompt.number == expected and p.run("I love it").label == "positive"
     f = task(env).dir / "aliases.json"
     saved = f.read_text(); f.unlink()
+    registry.stop_live()          # a fresh process: nothing known in memory either
     try:
         with pytest.raises(PromptNotFound, match="unreachable"):
             Pipeline("reviews", "production", settings=down)
