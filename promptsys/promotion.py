@@ -14,7 +14,8 @@ from .config import Settings, get_settings
 from .prompts import Task, load_task
 from .registry import (tracking_uri, experiment_name, prompt_name, mlflow_client, ensure_experiment,
                                 registry_versions, register_version, latest_runs, task_experiment, current_alias,
-                                alias_number, utc_now, sync_aliases)
+                                alias_number, utc_now, sync_aliases, read_rollout, set_rollout, wake_live,
+                                follow_seconds)
 from .metrics import connect, db_path, flush_pending
 from .evaluation import evaluate, run_examples
 
@@ -26,8 +27,8 @@ def _load(task, s:Settings) -> Task:
 
 # %% auto #0
 __all__ = ['log', 'LATENCY_NOISE_MS', 'mcnemar_exact', 'bootstrap_ci', 'GateDecision', 'gate', 'Impact', 'daily_traffic',
-           'impact', 'audit_path', 'append_audit', 'history', 'format_history', 'version_status', 'readme_text',
-           'write_readme', 'Promotion', 'promote', 'rollback', 'stage', 'demo']
+           'impact', 'audit_path', 'current_user', 'append_audit', 'history', 'format_history', 'version_status',
+           'readme_text', 'write_readme', 'Promotion', 'audit_entry', 'promote', 'rollback', 'stage', 'demo']
 
 # %% ../nbs/17_promotion.ipynb #c007
 def mcnemar_exact(b:int, # Pairs production got right and the candidate wrong
@@ -330,7 +331,7 @@ def impact(task:str|Task, # A task name or `Task`
 # %% ../nbs/17_promotion.ipynb #c044
 def audit_path(task:Task) -> Path: return Path(task.dir) / "audit.jsonl"
 
-def _user() -> str:
+def current_user() -> str:
     try: return getpass.getuser()
     except Exception: return os.environ.get("USER") or os.environ.get("USERNAME") or "unknown"
 
@@ -459,10 +460,10 @@ class Promotion:
                 "nothing to do" if d.noop else "not promoted")
         return f"{d}\n→ {what}" + (f" v{d.candidate}" if d.passed or self.moved else "")
 
-def _entry(action, t:Task, s:Settings, frm, to, reason, user, decision=None, run_ids=None, **kw) -> dict:
+def audit_entry(action, t:Task, s:Settings, frm, to, reason, user, decision=None, run_ids=None, **kw) -> dict:
     "An audit entry for a move of `t`'s aliases from version `frm` to `to`."
     def h(n): return t.versions[n].hash if n in t.versions else None
-    e = dict(ts=utc_now(), user=user or _user(), action=action, task=t.name, registry=prompt_name(t.name, s),
+    e = dict(ts=utc_now(), user=user or current_user(), action=action, task=t.name, registry=prompt_name(t.name, s),
              tracking_uri=tracking_uri(s), reason=reason or "", run_ids=run_ids or {}, **{"from": frm, "to": to},
              from_hash=h(frm), to_hash=h(to), **kw)
     if decision is not None:
@@ -472,10 +473,15 @@ def _entry(action, t:Task, s:Settings, frm, to, reason, user, decision=None, run
 
 # %% ../nbs/17_promotion.ipynb #c056
 def _record(client, t:Task, s:Settings, entry:dict, moved:dict):
-    "After a move: the audit entry, aliases.json (`moved`: {alias: since}) and the README."
+    "After a move: the audit entry, aliases.json (`moved`: {alias: since}) and the README; services told."
+    if "production" in moved and (ro := read_rollout(client, t, s)) is not None:
+        set_rollout(client, t, s, None)              # production moved: a running canary or shadow ends with it
+        entry["ended_rollout"] = ro.get("id")
+    entry["services_follow_within_s"] = follow_seconds(s)
     append_audit(t, entry, client, s)
     sync_aliases(client, t, s, moved)
     write_readme(t, s)
+    wake_live(t.name)              # pipelines in this process follow now, other processes within the period
 
 def promote(task:str|Task, # A task name or `Task`
             version:int|None=None, # The candidate (default: the best evaluated version, by the gate)
@@ -505,7 +511,7 @@ def promote(task:str|Task, # A task name or `Task`
     if stg is not None and int(stg.version) == int(cand_rv.version): client.delete_prompt_alias(name, "staging")
     cand_run = d.stats.get("candidate_run")
     if cand_run: client.set_tag(cand_run, "promptsys.promoted", ts)
-    e = _entry("promote", t, s, d.production, d.candidate, reason, user, d,
+    e = audit_entry("promote", t, s, d.production, d.candidate, reason, user, d,
                {"to": cand_run, "from": d.stats.get("production_run")}, forced=bool(force and not d.passed),
                to_accuracy=d.stats.get("candidate_accuracy"))
     _record(client, t, s, e, {"production": ts, **({"previous": ts} if prod_rv is not None else {})})
@@ -526,7 +532,7 @@ def rollback(task:str|Task, *, settings:Settings|None=None, reason:str="", user:
     runs = latest_runs(client, exp_id)
     frm, to = alias_number(cur), alias_number(prev)
     def rid(n): return runs[n].info.run_id if n in runs else None
-    e = _entry("rollback", t, s, frm, to, reason, user, None, {"to": rid(to), "from": rid(frm)},
+    e = audit_entry("rollback", t, s, frm, to, reason, user, None, {"to": rid(to), "from": rid(frm)},
                to_accuracy=runs[to].data.metrics.get("accuracy") if to in runs else None)
     _record(client, t, s, e, {"production": ts, "previous": ts})
     return e
@@ -541,7 +547,7 @@ def stage(task:str|Task, version:int, *, settings:Settings|None=None, reason:str
     name, ts = prompt_name(t.name, s), utc_now()
     old = alias_number(current_alias(client, t, "staging", s))
     client.set_prompt_alias(name, "staging", int(register_version(client, name, pv).version))
-    e = _entry("stage", t, s, old, pv.number, reason, user)
+    e = audit_entry("stage", t, s, old, pv.number, reason, user)
     _record(client, t, s, e, {"staging": ts})
     return e
 
