@@ -22,6 +22,8 @@ Endpoints
 * ``POST /control`` with any subset of the config keys (``p500``, ``p503``,
   ``p429``, ``phang``, ``pmalformed``, ``preset``, ``retry_after``,
   ``hang_seconds``, ``delay_ms``, ``answer_mode``, ``answer``, ``seed``,
+  ``garble_if_contains`` / ``wrong_if_contains`` (a string or null: prompts containing it get an answer
+  that is not JSON / a wrong label),
   ``require_key`` (string or null)) and/or ``"reset_stats": true``.
   Returns the new config.
 
@@ -222,7 +224,7 @@ class State:
             "phang": args.phang, "pmalformed": args.pmalformed, "preset": args.preset,
             "retry_after": args.retry_after, "hang_seconds": args.hang_seconds,
             "delay_ms": args.delay_ms, "answer_mode": args.answer_mode,
-            "answer": args.answer,
+            "answer": args.answer, "garble_if_contains": None, "wrong_if_contains": None,
         })
         self.stats = dict.fromkeys(STAT_KEYS, 0)
 
@@ -268,6 +270,10 @@ class State:
                 if not isinstance(v, str):
                     raise ValueError("answer must be a string")
                 new[k] = v
+            elif k in ("garble_if_contains", "wrong_if_contains"):
+                if v is not None and not isinstance(v, str):
+                    raise ValueError(f"{k} must be a string or null")
+                new[k] = v or None
             elif k == "seed":
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise ValueError("seed must be an integer")
@@ -506,11 +512,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if last_user is None:
             last_user = _parts(messages[-1].get("content")) if messages and isinstance(messages[-1], dict) else []
         mode = cfg["answer_mode"]
+        prompt = "\n".join(p for m in messages if isinstance(m, dict) for p in _parts(m.get("content")))
         if mode == "fixed":
             answer = cfg["answer"]
         else:
             label = keyword_label("\n".join(last_user))
+            if cfg.get("wrong_if_contains") and cfg["wrong_if_contains"] in prompt:
+                label = {"positive": "negative", "negative": "neutral", "neutral": "positive"}[label]
             answer = label if mode == "keyword" else json.dumps({"label": label, "confidence": 0.9})
+        if cfg.get("garble_if_contains") and cfg["garble_if_contains"] in prompt:
+            answer = "Sure! I think this one is " + answer.replace("{", "(").replace("}", ")")
         ptok = max(1, (total_chars + 3) // 4)
         ctok = max(1, (len(answer) + 3) // 4)
         model = req.get("model")
