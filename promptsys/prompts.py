@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_prompts.ipynb #c003
 from __future__ import annotations
-import hashlib, re, tomllib
+import hashlib, json, re, tomllib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -12,12 +12,13 @@ from fastcore.basics import patch
 from .errors import PromptNotFound, TemplateError, ConfigError
 
 # %% auto #0
-__all__ = ['VAR', 'VERSION_FILE', 'content_hash', 'PromptVersion', 'OutputSchema', 'InputLimits', 'Task', 'load_task',
-           'list_tasks']
+__all__ = ['VAR', 'VERSION_FILE', 'ROLES', 'INPUT_TYPES', 'content_hash', 'PromptVersion', 'chat_template', 'OutputSchema',
+           'InputLimits', 'input_specs', 'Task', 'load_task', 'list_tasks']
 
 # %% ../nbs/02_prompts.ipynb #c006
 VAR = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-VERSION_FILE = re.compile(r"^v(\d+)(?:_([A-Za-z0-9_-]+))?\.txt$")
+VERSION_FILE = re.compile(r"^v(\d+)(?:_([A-Za-z0-9_-]+))?\.(txt|toml)$")
+ROLES = ("system", "user", "assistant")
 
 def content_hash(text:str) -> str:
     "A short, stable content hash (sha256, 16 hex digits) of a template, line endings normalised."
@@ -26,28 +27,57 @@ def content_hash(text:str) -> str:
 # %% ../nbs/02_prompts.ipynb #c010
 @dataclass(frozen=True)
 class PromptVersion:
-    "One version of a task's prompt: its number, slug, template text and content hash."
+    "One version of a task's prompt: its number, slug, template (text, or chat messages) and content hash."
     task: str
     number: int
     slug: str
-    template: str
+    template: str          # the text; for a chat prompt its messages as canonical JSON (what is hashed)
     path: Path|None = None
     note: str = ""
+    messages: tuple = ()   # a chat prompt's ((role, content template), ...); () for a plain text prompt
     @cached_property
     def hash(self) -> str: return content_hash(self.template)
+    @property
+    def is_chat(self) -> bool: return bool(self.messages)
     @cached_property
     def variables(self) -> tuple[str, ...]:
         "The variables the template names, in order of first use."
         return tuple(dict.fromkeys(VAR.findall(self.template)))
     @cached_property
     def _format(self) -> str:
-        "The template as a `str.format` pattern: literal braces doubled, `{{var}}` → `{var}` (built once)."
-        parts = VAR.split(self.template)   # literal text at even indexes, variable names at odd ones
-        return "".join(p.replace("{", "{{").replace("}", "}}") if i % 2 == 0 else "{" + p + "}"
-                       for i, p in enumerate(parts))
+        "The template as a `str.format` pattern (built once)."
+        return _pattern(self.template)
     @property
     def name(self) -> str: return f"v{self.number}" + (f"_{self.slug}" if self.slug else "")
     def __repr__(self): return f"PromptVersion({self.task} {self.name}, hash={self.hash})"
+
+# %% ../nbs/02_prompts.ipynb #c010_1
+def _pattern(template:str) -> str:
+    "A template as a `str.format` pattern: literal braces doubled, `{{var}}` → `{var}`."
+    parts = VAR.split(template)   # literal text at even indexes, variable names at odd ones
+    return "".join(p.replace("{", "{{").replace("}", "}}") if i % 2 == 0 else "{" + p + "}"
+                   for i, p in enumerate(parts))
+
+def chat_template(messages) -> str:
+    "The canonical text of chat messages (a list of {role, content}): what a chat prompt's hash is taken of."
+    return json.dumps([{"role": r, "content": c} for r, c in messages], ensure_ascii=False, indent=1)
+
+# %% ../nbs/02_prompts.ipynb #c010_3
+@patch(cls_method=True)
+def chat(cls:PromptVersion, task:str, number:int, slug:str, messages:list, path:Path|None=None,
+         note:str="") -> PromptVersion:
+    "A chat prompt version from `messages`: [{'role': 'system'|'user'|'assistant', 'content': '...'}, ...]."
+    where = f"{task} v{number}" + (f" ({path.name})" if path else "")
+    if not isinstance(messages, list) or not messages:
+        raise ConfigError(f"{where}: a chat prompt needs a non-empty list of [[messages]]")
+    pairs = []
+    for i, m in enumerate(messages, 1):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ConfigError(f"{where}: message {i} needs a role ({', '.join(ROLES)}) and a text content",
+                              'Write [[messages]]\nrole = "user"\ncontent = """..."""')
+        pairs.append((m["role"], m["content"].replace("\r\n", "\n")))
+    if not any(r == "user" for r, _ in pairs): raise ConfigError(f"{where}: a chat prompt needs a user message")
+    return cls(task, number, slug, chat_template(pairs), path, note, tuple(pairs))
 
 # %% ../nbs/02_prompts.ipynb #c014
 @patch
@@ -62,6 +92,14 @@ def render(self:PromptVersion, **values) -> str:
         raise TemplateError(f"{self.task} {self.name}: unknown variable(s) {', '.join(unknown)}",
                             f"The template only uses {', '.join(names) or 'no variables'}.")
     return self._format.format_map(values)   # one pass: braces inside the values are never expanded
+
+# %% ../nbs/02_prompts.ipynb #c016_2
+@patch
+def render_messages(self:PromptVersion, **values) -> list[dict]:
+    "The chat messages to send, every `{{variable}}` filled (a plain prompt: one user message)."
+    if not self.is_chat: return [{"role": "user", "content": self.render(**values)}]
+    self.render(**values)      # the same checks: every variable given, none unknown
+    return [{"role": r, "content": _pattern(c).format_map(values)} for r, c in self.messages]
 
 # %% ../nbs/02_prompts.ipynb #c018
 @dataclass
@@ -85,12 +123,43 @@ class OutputSchema:
 # %% ../nbs/02_prompts.ipynb #c022
 @dataclass
 class InputLimits:
-    "How user input is checked before it reaches a model."
+    "One input variable of a task, and how it is checked before it reaches a model."
     variable: str = "text"
-    min_chars: int = 1
+    min_chars: int = 1               # for text (and each item of a list)
     max_chars: int = 8000
     on_too_long: str = "reject"      # "reject" | "truncate"
     control_chars: str = "strip"     # "strip" | "reject"
+    type: str = "str"                # "str" | "int" | "float" | "enum" | "list" (of str)
+    required: bool = True            # a missing optional input takes `default`
+    default: object = None
+    values: tuple = ()               # an enum's allowed values
+    min: float|None = None           # bounds of a number
+    max: float|None = None
+    max_items: int = 100             # a list's length at most
+
+# %% ../nbs/02_prompts.ipynb #c024_2
+INPUT_TYPES = ("str", "int", "float", "enum", "list")
+
+def input_specs(cfg:dict, where:str) -> dict[str, InputLimits]:
+    "The task's inputs by name, from `[inputs.<name>]` tables or the single `[input]` table."
+    known = set(InputLimits.__dataclass_fields__) - {"variable"}
+    if "inputs" not in cfg:
+        one = {k: v for k, v in cfg.get("input", {}).items() if k in InputLimits.__dataclass_fields__}
+        spec = InputLimits(**one)
+        return {spec.variable: spec}
+    out = {}
+    for name, d in cfg["inputs"].items():
+        if not isinstance(d, dict): raise ConfigError(f"{where}: [inputs.{name}] must be a table")
+        if bad := sorted(set(d) - known):
+            raise ConfigError(f"{where}: [inputs.{name}] has unknown key(s) {', '.join(bad)}",
+                              f"Known keys: {', '.join(sorted(known))}.")
+        spec = InputLimits(variable=name, **{k: tuple(v) if k == "values" else v for k, v in d.items()})
+        if spec.type not in INPUT_TYPES:
+            raise ConfigError(f"{where}: [inputs.{name}] type {spec.type!r} is not one of {', '.join(INPUT_TYPES)}")
+        if spec.type == "enum" and not spec.values: raise ConfigError(f"{where}: [inputs.{name}] enum needs values")
+        out[name] = spec
+    if not out: raise ConfigError(f"{where}: [inputs] declares no input")
+    return out
 
 # %% ../nbs/02_prompts.ipynb #c026
 @dataclass
@@ -100,12 +169,15 @@ class Task:
     dir: Path
     description: str = ""
     output: OutputSchema = field(default_factory=OutputSchema)
-    input: InputLimits = field(default_factory=InputLimits)
+    input: InputLimits = field(default_factory=InputLimits)   # the first input (a one-input task's only one)
     defaults: dict = field(default_factory=dict)
     dataset: Path|None = None
     fallback: dict|None = None
     versions: dict[int, PromptVersion] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)                # every input by name (default: just `input`)
+    def __post_init__(self):
+        if not self.inputs: self.inputs = {self.input.variable: self.input}
     @property
     def latest(self) -> PromptVersion: return self.version("latest")
     def __repr__(self):
@@ -141,14 +213,18 @@ def _prompts_dir(prompts_dir:str|Path|None) -> Path:
 def _read_versions(d:Path, task:str, notes:dict) -> dict[int, PromptVersion]:
     "The versions in folder `d`, by number, with their notes from `task.toml`."
     versions = {}
-    for f in sorted(d.glob("v*.txt")):
+    for f in sorted(d.glob("v*.*")):
         m = VERSION_FILE.match(f.name)
         if not m: continue
         n = int(m.group(1))
         if n in versions: raise ConfigError(f"{d}: two files for version {n}: {versions[n].path.name} and {f.name}",
                                             "Keep one file per version number.")
-        text = f.read_text(encoding="utf-8").replace("\r\n", "\n").removesuffix("\n")
-        versions[n] = PromptVersion(task, n, m.group(2) or "", text, f, notes.get(n, ""))
+        text = f.read_text(encoding="utf-8").replace("\r\n", "\n")
+        if m.group(3) == "toml":
+            try: msgs = tomllib.loads(text).get("messages")
+            except tomllib.TOMLDecodeError as e: raise ConfigError(f"{f}: {e}", "Fix the TOML syntax.") from None
+            versions[n] = PromptVersion.chat(task, n, m.group(2) or "", msgs, f, notes.get(n, ""))
+        else: versions[n] = PromptVersion(task, n, m.group(2) or "", text.removesuffix("\n"), f, notes.get(n, ""))
     return dict(sorted(versions.items()))
 
 # %% ../nbs/02_prompts.ipynb #c039
@@ -167,17 +243,17 @@ def load_task(name:str, # The task's folder name
         try: cfg = tomllib.loads(tf.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{tf}: {e}", "Fix the TOML syntax of the task file.") from None
-    inp = {k: v for k, v in cfg.get("input", {}).items() if k in InputLimits.__dataclass_fields__}
+    inputs = input_specs(cfg, str(tf))
     notes = {int(str(k).lstrip("v")): v for k, v in cfg.get("versions", {}).items()}
     ds = cfg.get("dataset", {}).get("path")
     return Task(name=cfg.get("name", name), dir=d, description=cfg.get("description", ""),
-                output=OutputSchema.from_dict(cfg.get("output", {}), str(tf)), input=InputLimits(**inp),
+                output=OutputSchema.from_dict(cfg.get("output", {}), str(tf)), input=next(iter(inputs.values())),
                 defaults=cfg.get("defaults", {}), dataset=(d / ds) if ds else None,
-                fallback=cfg.get("fallback"), versions=_read_versions(d, name, notes), config=cfg)
+                fallback=cfg.get("fallback"), versions=_read_versions(d, name, notes), config=cfg, inputs=inputs)
 
 def list_tasks(prompts_dir:str|Path|None=None) -> list[str]:
     "Names of the tasks in `prompts_dir` (folders holding at least one version file)."
     p = _prompts_dir(prompts_dir)
     if not p.is_dir(): return []
     return sorted(d.name for d in p.iterdir()
-                  if d.is_dir() and any(VERSION_FILE.match(f.name) for f in d.glob("v*.txt")))
+                  if d.is_dir() and any(VERSION_FILE.match(f.name) for f in d.glob("v*.*")))

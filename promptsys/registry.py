@@ -12,16 +12,17 @@ from pathlib import Path
 from .errors import PromptNotFound, TrackingError
 from .config import Settings, get_settings
 from .prompts import Task, PromptVersion
+from .validation import json_schema
 
 log = logging.getLogger("promptsys.registry")
 
 # %% auto #0
 __all__ = ['log', 'ALIASES', 'ROLLOUT_TAG', 'tracking_uri', 'experiment_name', 'prompt_name', 'check_tracking', 'mlflow_client',
-           'ensure_experiment', 'mlflow_ui_command', 'parse_versions', 'registry_versions', 'register_version',
-           'latest_runs', 'task_experiment', 'current_alias', 'alias_number', 'utc_now', 'aliases_path', 'read_aliases',
-           'write_aliases', 'sync_aliases', 'clear_alias_cache', 'resolve_alias', 'Live', 'read_rollout_file',
-           'read_rollout', 'set_rollout', 'resolve_live', 'follow_seconds', 'LiveVersions', 'same_live',
-           'live_versions', 'wake_live', 'stop_live']
+           'ensure_experiment', 'mlflow_ui_command', 'parse_versions', 'registry_versions', 'model_config',
+           'register_version', 'latest_runs', 'task_experiment', 'current_alias', 'alias_number', 'utc_now',
+           'aliases_path', 'read_aliases', 'write_aliases', 'sync_aliases', 'clear_alias_cache', 'resolve_alias',
+           'Live', 'read_rollout_file', 'read_rollout', 'set_rollout', 'resolve_live', 'follow_seconds', 'LiveVersions',
+           'same_live', 'live_versions', 'wake_live', 'stop_live']
 
 # %% ../nbs/13_registry.ipynb #c007
 def tracking_uri(settings:Settings) -> str:
@@ -116,11 +117,25 @@ def registry_versions(client, name:str) -> list:
         if not token: break
     return sorted(out, key=lambda v: int(v.version), reverse=True)
 
-def register_version(client, name:str, pv:PromptVersion):
+def model_config(task:Task, settings:Settings) -> dict:
+    "The generation settings a call of `task` runs with: provider, model, temperature, max_tokens."
+    s, d = settings, task.defaults
+    model = s.model.name or {"openai": s.openai.model, "anthropic": s.anthropic.model}.get(s.model.provider)
+    out = dict(provider=s.model.provider, model_name=model,
+               temperature=float(d.get("temperature", s.model.temperature)),
+               max_tokens=int(s.model.max_tokens or d.get("max_tokens", 64)))
+    return {k: v for k, v in out.items() if v is not None}
+
+def register_version(client, name:str, pv:PromptVersion,
+                     task:Task|None=None, settings:Settings|None=None): # Add response_format (and model_config)
     "The registry's version of `pv` (matched by hash), registered if there is none."
     for rv in registry_versions(client, name):
         if rv.tags.get("hash") == pv.hash: return rv
-    return client.register_prompt(name, pv.template, commit_message=pv.note or pv.name,
+    kw = {}
+    if task is not None: kw["response_format"] = json_schema(task.output)
+    if task is not None and settings is not None: kw["model_config"] = model_config(task, settings)
+    template = [{"role": r, "content": c} for r, c in pv.messages] if pv.is_chat else pv.template
+    return client.register_prompt(name, template, commit_message=pv.note or pv.name, **kw,
                                   tags={"task": pv.task, "version": str(pv.number), "slug": pv.slug, "hash": pv.hash})
 
 # %% ../nbs/13_registry.ipynb #c037
@@ -225,6 +240,7 @@ def _local_version(t:Task, number:int, h:str, template:str|None=None) -> PromptV
     if template is not None:
         log.warning("%s v%s: the registry's template (hash %s) differs from the local files; serving the registry's",
                     t.name, number, h)
+        if isinstance(template, list): return PromptVersion.chat(t.name, int(number), f"registry_{h}", template)
         return PromptVersion(t.name, int(number), f"registry_{h}", template, None, "")
     raise PromptNotFound(f"{t.name}: no local file has the hash {h} of alias version v{number}",
                          "Restore the promoted prompt file, or promote a version that exists.")
@@ -368,6 +384,7 @@ class LiveVersions:
         self.refreshes, self.errors, self.changes, self.last_error, self.down = 0, 0, 0, "", False
         self.listeners: list = []       # callables (event, details): 'refresh_error', 'recovered', 'changed'
         self.current: Live = resolve_live(task, settings)
+        self.down = self.current.source != "mlflow"     # resolve_live logged the outage already
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"promptsys-live-{task.name}")
         self._thread.start()

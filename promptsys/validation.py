@@ -10,7 +10,8 @@ from .errors import InputValidationError, OutputValidationError
 from .prompts import InputLimits, OutputSchema
 
 # %% auto #0
-__all__ = ['CONTROL', 'FENCE', 'validate_input', 'output_model', 'validate_output', 'parse_output', 'json_schema', 'gbnf']
+__all__ = ['CONTROL', 'FENCE', 'validate_input', 'validate_inputs', 'output_model', 'validate_output', 'parse_output',
+           'json_schema', 'gbnf']
 
 # %% ../nbs/03_validation.ipynb #c006
 def _as_text(value, limits:InputLimits) -> str:
@@ -56,6 +57,55 @@ def validate_input(value, # What the caller sent
         raise InputValidationError(f"input is too long: {n} characters, the maximum is {limits.max_chars}",
                                    "Shorten the text, split it, or raise the task's [input] max_chars.")
     return value
+
+# %% ../nbs/03_validation.ipynb #c012_2
+def _typed(name:str, value, spec:InputLimits):
+    "One input checked by its declared type; the value to render."
+    t = spec.type
+    if t == "str": return validate_input(value, spec)
+    if t in ("int", "float"):
+        try:
+            if isinstance(value, bool): raise ValueError
+            v = int(value) if t == "int" and not (isinstance(value, float) and value != int(value)) else float(value)
+        except (TypeError, ValueError):
+            raise InputValidationError(f"expected {'an integer' if t == 'int' else 'a number'}, got {value!r}",
+                                       "Send a number.") from None
+        if (spec.min is not None and v < spec.min) or (spec.max is not None and v > spec.max):
+            raise InputValidationError(f"{v} is outside [{spec.min}, {spec.max}]", "Send a value within the bounds.")
+        return v
+    if t == "enum":
+        v = str(value).strip()
+        if v not in spec.values:
+            raise InputValidationError(f"{v!r} is not one of {', '.join(map(str, spec.values))}",
+                                       "Send one of the allowed values.")
+        return v
+    if not isinstance(value, (list, tuple)):
+        raise InputValidationError(f"expected a list of text, got {type(value).__name__}", "Send a JSON array.")
+    if len(value) > spec.max_items:
+        raise InputValidationError(f"{len(value)} items, the maximum is {spec.max_items}", "Send fewer items.")
+    return "\n".join(f"- {validate_input(x, spec)}" for x in value)
+
+def validate_inputs(values:dict, # The caller's inputs by name
+                    specs:dict # The task's `inputs` ({name: InputLimits})
+                   ) -> dict:
+    "Every declared input, checked and sanitised (defaults filled); `InputValidationError` naming the input."
+    if unknown := [k for k in values if k not in specs]:
+        raise InputValidationError(f"unknown input(s) {', '.join(map(repr, unknown))}",
+                                   f"The task takes {', '.join(specs)}.")
+    out = {}
+    for name, spec in specs.items():
+        v = values.get(name)
+        if v is None:
+            if spec.required and spec.default is None:
+                raise InputValidationError(f"missing input {name!r}",
+                                           f"Pass {name}=...; the task takes {', '.join(specs)}.")
+            out[name] = "" if spec.default is None else spec.default
+            continue
+        try: out[name] = _typed(name, v, spec)
+        except InputValidationError as e:
+            if len(specs) == 1: raise
+            raise InputValidationError(f"input {name!r}: {e.message}", e.hint) from None
+    return out
 
 # %% ../nbs/03_validation.ipynb #c014
 @lru_cache(maxsize=64)
