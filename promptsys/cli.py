@@ -13,7 +13,7 @@ from .config import Settings, load_settings
 __all__ = ['COMMANDS', 'GROUPS', 'set_overrides', 'settings_from_args', 'commands_text', 'parser', 'main',
            'configure_install_local', 'cmd_install_local', 'configure_doctor', 'cmd_doctor', 'accuracy_table',
            'table_text', 'configure_demo', 'cmd_demo', 'cmd_prompts_list', 'cmd_prompts_show', 'configure_prompts',
-           'configure_run', 'cmd_run', 'configure_eval', 'cmd_eval', 'configure_promote', 'cmd_promote',
+           'configure_run', 'run_inputs', 'cmd_run', 'configure_eval', 'cmd_eval', 'configure_promote', 'cmd_promote',
            'configure_rollback', 'cmd_rollback', 'configure_stage', 'cmd_stage', 'configure_history', 'cmd_history',
            'configure_diff', 'cmd_diff', 'configure_ui', 'cmd_ui', 'configure_rollout', 'configure_schedule',
            'schedule_text', 'cmd_schedule', 'configure_dashboard', 'cmd_dashboard', 'configure_feedback',
@@ -209,18 +209,34 @@ COMMANDS["prompts"] = ("list and show prompt versions", configure_prompts, None)
 
 # %% ../nbs/21_cli.ipynb #c033
 def configure_run(p):
-    p.add_argument("task"); p.add_argument("text", help='the input text ("-" reads stdin)')
+    p.add_argument("task"); p.add_argument("text", nargs="?", help='the input text ("-" reads stdin)')
+    p.add_argument("--var", action="append", metavar="NAME=VALUE", help="one input of the task (repeatable)")
+    p.add_argument("--input", metavar="JSON", help='every input as a JSON object ("-" reads stdin)')
     p.add_argument("--version", default="latest", help="version number, latest, or an alias (production, staging)")
     p.add_argument("--provider", help="local | openai | anthropic | replay"); p.add_argument("--model")
     p.add_argument("--no-cache", action="store_true", help="bypass the response cache")
     p.add_argument("--json", action="store_true", help="print the whole result record as JSON")
 
+def run_inputs(a) -> dict:
+    "The inputs of `promptsys run`: the text argument, `--var name=value` options and an `--input` JSON object."
+    out = {}
+    if a.input is not None:
+        raw = sys.stdin.read() if a.input == "-" else a.input
+        try: out = json.loads(raw)
+        except ValueError as e: raise InputValidationError(f"--input is not JSON: {e}", "Pass a JSON object.") from None
+        if not isinstance(out, dict): raise InputValidationError("--input must be a JSON object of inputs")
+    for kv in a.var or []:
+        if "=" not in kv: raise InputValidationError(f"--var {kv!r} is not NAME=VALUE", "e.g. --var subject='Refund'")
+        k, v = kv.split("=", 1); out[k.strip()] = v
+    if a.text is not None: out = {"value": sys.stdin.read() if a.text == "-" else a.text, **out}
+    if not out: raise InputValidationError("no input given", "Pass the text, --var NAME=VALUE or --input JSON.")
+    return out
+
 def cmd_run(a) -> int:
     "Run one input through the pipeline and print the result."
     from promptsys.pipeline import Pipeline
     s = settings_from_args(a)
-    text = sys.stdin.read() if a.text == "-" else a.text
-    r = Pipeline(a.task, a.version, settings=s, cache=not a.no_cache).run(text)
+    r = Pipeline(a.task, a.version, settings=s, cache=not a.no_cache).run(**run_inputs(a))
     if a.json: print(json.dumps({**r.to_record(), "output": r.output, "raw": r.raw}, indent=1))
     else:
         print(json.dumps(r.output))

@@ -72,9 +72,13 @@ def _raw_rows(path:Path):
 # %% ../nbs/16_evaluation.ipynb #c015
 def _row_problem(row:dict, task:Task, rid:str, seen:set) -> str|None:
     "What is wrong with one parsed row (None: nothing)."
-    var, fld, labels = task.input.variable, task.output.field, task.output.labels
+    fld, labels = task.output.field, task.output.labels
     exp = row.get(fld, row.get("expected"))
-    if not isinstance(row.get(var), str) or not row[var].strip(): return f"missing or empty input field {var!r}"
+    for name, spec in task.inputs.items():
+        v = row.get(name)
+        if spec.type == "str" and spec.required and (not isinstance(v, str) or not v.strip()):
+            return f"missing or empty input field {name!r}"
+        if v is None and spec.required and spec.default is None: return f"missing input field {name!r}"
     if exp is None or (isinstance(exp, str) and not exp.strip()):
         return f"missing expected output ({fld!r} or 'expected')"
     if task.output.kind == "label" and labels and exp not in labels:
@@ -90,7 +94,7 @@ def load_dataset(path:str|Path, # A .jsonl (or .json lines) or .csv file
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"dataset {path} does not exist", "Set [dataset] path in task.toml or pass dataset=.")
-    names = {v for pv in task.versions.values() for v in pv.variables} | {task.input.variable}
+    names = {v for pv in task.versions.values() for v in pv.variables} | set(task.inputs)
     examples, skipped, seen = [], [], set()
     for line, row in _raw_rows(path):
         rid = None if isinstance(row, str) else str(row.get("id") or f"L{line}")
@@ -210,7 +214,8 @@ def _example_row(pipe, e:Example, r, var:str) -> dict:
     canned = r.fallback and r.provider == "task"
     pred = _label(r)
     cost = r.cost_usd if not r.cache_hit else pipe.prices.cost(r.model, r.provider, r.tokens_in, r.tokens_out)
-    return dict(id=e.id, line=e.line, input=e.inputs.get(var, ""), expected=e.expected, predicted=pred,
+    text = e.inputs.get(var, "") if len(pipe.task.inputs) == 1 else json.dumps(e.inputs, ensure_ascii=False)
+    return dict(id=e.id, line=e.line, input=text, expected=e.expected, predicted=pred,
                 correct=pred is not None and str(pred) == e.expected, valid=r.output is not None and not canned,
                 error=(r.error or {}).get("type"), latency_ms=round(r.latency_ms, 3), tokens_in=r.tokens_in,
                 tokens_out=r.tokens_out, cost_usd=cost, cache_hit=r.cache_hit, retries=r.retries, fallback=r.fallback)
@@ -221,7 +226,8 @@ def answer(pipe, # A `Pipeline` bound to the version under test
            concurrency:int=4, progress:bool=True, cache:bool=True) -> list[dict]:
     "Run every example through `pipe` and return the per-example rows."
     pv = pipe.prompt
-    inputs = [{k: v for k, v in e.inputs.items() if k in pv.variables} for e in ds.examples]
+    keep = set(pv.variables) if len(pipe.task.inputs) == 1 else set(pipe.task.inputs)   # several: every input
+    inputs = [{k: v for k, v in e.inputs.items() if k in keep} for e in ds.examples]
     rs = _run_many(pipe, inputs, concurrency, progress, cache)
     extra = [_run_many(pipe, inputs, concurrency, progress, False, desc=f"{pipe.task.name} {pv.name} repeat {i + 2}")
              for i in range(max(1, repeats) - 1)]
@@ -322,7 +328,7 @@ def _tracking_setup(s:Settings, t:Task, versions:list):
     uri = tracking_uri(s)
     exp_id = ensure_experiment(client, experiment_name(t.name, s), uri)
     mark_stale_runs(client, exp_id)
-    reg = {pv.number: register_version(client, prompt_name(t.name, s), pv) for pv in versions}
+    reg = {pv.number: register_version(client, prompt_name(t.name, s), pv, t, s) for pv in versions}
     return client, exp_id, reg
 
 def _start_run(setup, pv:PromptVersion, params:dict) -> str:

@@ -12,7 +12,7 @@ from .errors import (PromptsysError, InputValidationError, OutputValidationError
                               BudgetExceeded, PromptNotFound, redact)
 from .config import Settings, get_settings, load_settings
 from .prompts import Task, PromptVersion, load_task
-from .validation import validate_input, parse_output
+from .validation import validate_input, validate_inputs, parse_output
 from .providers import Request, Completion, Provider, make_provider
 from .cache import cache_key
 from .retry import RetryPolicy
@@ -382,6 +382,7 @@ class _Call:
     b: Bound|None = None            # the version this call runs, as `routes` bound it
     routes: Routes|None = None      # the routes of the live state the call started under
     variables: dict|None = None     # the template variables, the validated input included
+    messages: list|None = None      # the rendered chat messages the model is sent
 
 def _rid() -> str: return os.urandom(8).hex()
 
@@ -397,10 +398,8 @@ def _prepare(self:Pipeline, value, variables:dict, request_id, use_cache:bool, r
     r = self.routes()
     call = _Call(request_id or _rid(), time.perf_counter(), b=r.primary, routes=r)
     try:
-        if isinstance(value, dict): variables, value = {**value, **variables}, value.get(self._var)
-        call.text = validate_input(value, self.task.input)
+        self._inputs(call, value, variables)
         call.input_hash = hashlib.sha256(call.text.encode()).hexdigest()[:16]
-        call.variables = {**variables, self._var: call.text}
         if r.canary is not None: call.b = self._pick(r, route_key or call.input_hash)
         call.prompt = self._render(call)
     except PromptsysError as e:
@@ -410,14 +409,33 @@ def _prepare(self:Pipeline, value, variables:dict, request_id, use_cache:bool, r
     return call
 
 @patch
+def _inputs(self:Pipeline, call:_Call, value, variables:dict):
+    "The validated inputs into `call`: `variables`, and `text` (the input, or all inputs as JSON) for hashes."
+    if len(self.task.inputs) == 1:             # one text input: `run(text)`, `run({...})` or `run(text=...)`
+        if isinstance(value, dict): variables, value = {**value, **variables}, value.get(self._var)
+        elif value is None and self._var in variables: variables = dict(variables); value = variables.pop(self._var)
+        call.text = validate_input(value, self.task.input)
+        call.variables = {**variables, self._var: call.text}
+        return
+    given = {**value, **variables} if isinstance(value, dict) else dict(variables)
+    if value is not None and not isinstance(value, dict): given.setdefault(self._var, value)   # the first input
+    call.variables = validate_inputs(given, self.task.inputs)
+    call.text = json.dumps(call.variables, sort_keys=True, ensure_ascii=False, default=str)
+
+@patch
 def _render(self:Pipeline, call:_Call) -> str:
-    "The call's prompt; a candidate that cannot render it (its template wants other variables) leaves it to production."
-    try: return call.b.prompt.render(**call.variables)
+    "The call's messages and prompt text; a candidate that cannot render them leaves the call to production."
+    try: call.messages = call.b.prompt.render_messages(**call.variables)
     except PromptsysError as e:
         if call.b.role != "canary": raise
         self._emit(self._failure(call, e))
         call.b = replace(call.routes.primary, role="retry")
-        return call.b.prompt.render(**call.variables)
+        call.messages = call.b.prompt.render_messages(**call.variables)
+    return _text(call.b.prompt, call.messages)
+
+def _text(pv:PromptVersion, messages:list) -> str:
+    "The prompt as one string (the cache key's): the text of a plain prompt, a chat prompt's messages as JSON."
+    return json.dumps(messages, ensure_ascii=False) if pv.is_chat else messages[0]["content"]
 
 # %% ../nbs/15_pipeline.ipynb #c051
 @patch
@@ -495,8 +513,8 @@ def _give_up(self:Pipeline, call:_Call, err:PromptsysError) -> Result:
 @patch
 def _request(self:Pipeline, call:_Call) -> Request:
     "The model request (built only on a cache miss)."
-    call.req = Request([{"role": "user", "content": call.prompt}], "", self.max_tokens, self.temperature,
-                       self.seed, self.task.output)
+    call.req = Request(call.messages or [{"role": "user", "content": call.prompt}], "", self.max_tokens,
+                       self.temperature, self.seed, self.task.output)
     return call.req
 
 # %% ../nbs/15_pipeline.ipynb #c077
@@ -559,8 +577,9 @@ def _walk(self:Pipeline, call:_Call):
 def _on_production(self:Pipeline, call:_Call) -> _Call:
     "The call again on production's version, after the candidate failed it (the clock keeps running)."
     b = replace(call.routes.primary, role="retry")
-    c = _Call(call.request_id, call.t0, call.text, b.prompt.render(**call.variables), b=b, routes=call.routes,
-              variables=call.variables, input_hash=call.input_hash)
+    msgs = b.prompt.render_messages(**call.variables)
+    c = _Call(call.request_id, call.t0, call.text, _text(b.prompt, msgs), b=b, routes=call.routes,
+              variables=call.variables, input_hash=call.input_hash, messages=msgs)
     if self.cache is not None: c.key = self._key(c.prompt, b.key_prefix)
     return c
 
@@ -571,8 +590,9 @@ def _shadow_job(self:Pipeline, call:_Call):
     def job():
         sc = _Call(call.request_id, time.perf_counter(), call.text, b=r.shadow, routes=r, variables=call.variables,
                    input_hash=call.input_hash)
-        try: sc.prompt = r.shadow.prompt.render(**call.variables)
+        try: sc.messages = r.shadow.prompt.render_messages(**call.variables)
         except PromptsysError as e: self._emit(self._failure(sc, e)); return
+        sc.prompt = _text(r.shadow.prompt, sc.messages)
         if self.cache is not None: sc.key = self._key(sc.prompt, r.shadow.key_prefix)
         self._complete(sc, True)
     return job
@@ -594,12 +614,12 @@ def _complete(self:Pipeline, call:_Call, cache:bool) -> Result|None:
     finally: walk.close()
 
 @patch
-def run(self:Pipeline, value, # The input text (or a dict of template variables)
+def run(self:Pipeline, value=None, # The input text, or a dict of inputs (or pass them as keywords)
         *, cache:bool=True, # False skips the cache lookup for this call (the fresh answer is still stored)
         request_id:str|None=None, # Correlation id (default: a random one)
         route_key:str|None=None, # Who is calling, for sticky canary routing (default: the input's hash)
         **variables) -> Result:
-    "Run the pipeline on one input."
+    "Run the pipeline on one input: `run(text)`, `run({'subject': ..., 'body': ...})`, `run(subject=..., ...)`."
     call = self._prepare(value, variables, request_id, cache, route_key)
     q = self._shadow_queue(call.routes)
     if q is None:
@@ -613,7 +633,7 @@ def run(self:Pipeline, value, # The input text (or a dict of template variables)
 
 # %% ../nbs/15_pipeline.ipynb #c102
 @patch
-async def arun(self:Pipeline, value, *, cache:bool=True, request_id:str|None=None, route_key:str|None=None,
+async def arun(self:Pipeline, value=None, *, cache:bool=True, request_id:str|None=None, route_key:str|None=None,
                **variables) -> Result:
     "Run the pipeline on one input, asynchronously."
     call = self._prepare(value, variables, request_id, cache, route_key)

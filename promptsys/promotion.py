@@ -502,7 +502,7 @@ def promote(task:str|Task, # A task name or `Task`
     if dry_run or d.noop or not (d.passed or force) or d.candidate not in t.versions:
         return Promotion(d, False, None, imp, dry_run)
     name = prompt_name(t.name, s)
-    cand_rv = register_version(client, name, t.versions[d.candidate])
+    cand_rv = register_version(client, name, t.versions[d.candidate], t, s)
     prod_rv = current_alias(client, t, "production", s)
     ts = utc_now()
     if prod_rv is not None: client.set_prompt_alias(name, "previous", int(prod_rv.version))
@@ -546,7 +546,7 @@ def stage(task:str|Task, version:int, *, settings:Settings|None=None, reason:str
     ensure_experiment(client, experiment_name(t.name, s), tracking_uri(s))
     name, ts = prompt_name(t.name, s), utc_now()
     old = alias_number(current_alias(client, t, "staging", s))
-    client.set_prompt_alias(name, "staging", int(register_version(client, name, pv).version))
+    client.set_prompt_alias(name, "staging", int(register_version(client, name, pv, t, s).version))
     e = audit_entry("stage", t, s, old, pv.number, reason, user)
     _record(client, t, s, e, {"staging": ts})
     return e

@@ -17,6 +17,7 @@ Endpoints
 * ``POST /v1/messages`` (Anthropic Messages style; needs ``x-api-key`` and
   ``anthropic-version`` headers)
 * ``GET /health`` -> ``{"ok": true}``
+* ``GET /requests`` -> the last 100 model request bodies (``[{"path", "body"}]``; headers are never kept)
 * ``GET /stats`` -> ``{"total": N, "ok": n, "500": n, "503": n, "429": n,
   "hang": n, "malformed": n, "reset": n, "401": n, "400": n, "config": {...}}``
 * ``POST /control`` with any subset of the config keys (``p500``, ``p503``,
@@ -34,6 +35,7 @@ start_server`` or via a path import): :func:`start_server`,
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -43,7 +45,7 @@ import threading
 import time
 import urllib.request
 
-__all__ = ["start_server", "stop_server", "control", "stats", "main"]
+__all__ = ["start_server", "stop_server", "control", "stats", "requests", "main"]
 
 _THIS_FILE = os.path.abspath(__file__)
 
@@ -150,6 +152,11 @@ def control(base_url: str, **cfg) -> dict:
     return _request(base_url.rstrip("/") + "/control", json.dumps(cfg).encode())
 
 
+def requests(base_url: str) -> list:
+    """The last request bodies the server received (oldest first)."""
+    return _request(base_url.rstrip("/") + "/requests")
+
+
 def stats(base_url: str) -> dict:
     """Return the server's counters (plus ``"config"``)."""
     return _request(base_url.rstrip("/") + "/stats")
@@ -227,6 +234,7 @@ class State:
             "answer": args.answer, "garble_if_contains": None, "wrong_if_contains": None,
         })
         self.stats = dict.fromkeys(STAT_KEYS, 0)
+        self.recent = collections.deque(maxlen=100)   # the last request bodies (GET /requests), never headers
 
     @staticmethod
     def _build(c: dict) -> dict:
@@ -295,6 +303,7 @@ class State:
                 self.rng = random.Random(seed)
             if reset_stats:
                 self.stats = dict.fromkeys(STAT_KEYS, 0)
+                self.recent.clear()
         return self.public_config()
 
     def count(self, key: str) -> None:
@@ -396,6 +405,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path == "/health":
             self._send(200, b'{"ok": true}')
+        elif path == "/requests":
+            with STATE.lock:
+                recent = list(STATE.recent)
+            self._send(200, json.dumps(recent).encode())
         elif path == "/stats":
             with STATE.lock:
                 s = dict(STATE.stats)
@@ -460,6 +473,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             messages = req.get("messages")
             if not isinstance(messages, list):
                 raise ValueError("'messages' must be a list")
+            with st.lock:
+                st.recent.append({"path": self.path.split("?", 1)[0], "body": req})
         except ValueError as e:
             st.count("400")
             msg = f"invalid request body: {e}"
