@@ -29,6 +29,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                    connect_timeout=("float", 5.0), read_timeout=("float", 60.0), max_connections=("int", 100)),
     "anthropic": dict(base_url=("str", "https://api.anthropic.com"), api_key_env=("str", "ANTHROPIC_API_KEY"),
                       model=("str", "claude-3-5-haiku-latest"), api_version=("str", "2023-06-01"),
+                      constrain=(("none", "tool"), "none"),
                       connect_timeout=("float", 5.0), read_timeout=("float", 60.0)),
     "replay": dict(cassette=("path", ""),
                    mode=(("replay", "record", "auto"), "replay"),

@@ -4,12 +4,13 @@
 
 # %% ../nbs/16_evaluation.ipynb #c003
 from __future__ import annotations
-import csv, hashlib, json, logging, os, random, socket, time
+import csv, hashlib, json, logging, os, random, re, socket, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from .errors import DatasetError, TrackingError, PromptsysError
+from .errors import DatasetError, TrackingError, PromptsysError, OutputValidationError
 from .config import Settings, get_settings, load_settings
-from .prompts import Task, PromptVersion, load_task
+from .prompts import Task, PromptVersion, OutputSchema, load_task
+from .validation import validate_output
 from .registry import (tracking_uri, experiment_name, prompt_name, check_tracking, mlflow_client,
                                 ensure_experiment, register_version, latest_runs)
 from .metrics import percentile
@@ -18,8 +19,8 @@ log = logging.getLogger("promptsys.evaluation")
 
 # %% auto #0
 __all__ = ['log', 'INVALID', 'SUMMARY_COLUMNS', 'Example', 'Dataset', 'load_dataset', 'confusion_matrix', 'label_report', 'score',
-           'answer', 'mark_stale_runs', 'confusion_figure', 'compare_figure', 'VersionEval', 'summary_frame',
-           'evaluate', 'run_summary', 'compare', 'run_examples', 'summary_text']
+           'answer', 'token_f1', 'mark_stale_runs', 'confusion_figure', 'compare_figure', 'VersionEval',
+           'summary_frame', 'evaluate', 'run_summary', 'compare', 'run_examples', 'summary_text']
 
 # %% ../nbs/16_evaluation.ipynb #c007
 @dataclass
@@ -70,10 +71,15 @@ def _raw_rows(path:Path):
         yield i, row if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"
 
 # %% ../nbs/16_evaluation.ipynb #c015
+def _expected(row:dict, task:Task):
+    "A row's expected output: `expected` (a json task's object or a text task's text), else the label field."
+    if task.output.schema or task.output.kind == "text": return row.get("expected")
+    return row.get(task.output.field, row.get("expected"))
+
 def _row_problem(row:dict, task:Task, rid:str, seen:set) -> str|None:
     "What is wrong with one parsed row (None: nothing)."
     fld, labels = task.output.field, task.output.labels
-    exp = row.get(fld, row.get("expected"))
+    exp = _expected(row, task)
     for name, spec in task.inputs.items():
         v = row.get(name)
         if spec.type == "str" and spec.required and (not isinstance(v, str) or not v.strip()):
@@ -83,6 +89,10 @@ def _row_problem(row:dict, task:Task, rid:str, seen:set) -> str|None:
         return f"missing expected output ({fld!r} or 'expected')"
     if task.output.kind == "label" and labels and exp not in labels:
         return f"expected {exp!r} is not one of {', '.join(labels)}"
+    if task.output.schema:
+        if not isinstance(exp, dict): return "a json task's row needs 'expected': the expected object"
+        try: validate_output(exp, task.output)
+        except OutputValidationError as e: return f"'expected' does not fit the task's schema: {e.message}"
     if rid in seen: return f"duplicate id {rid!r}"
     return None
 
@@ -106,8 +116,9 @@ def load_dataset(path:str|Path, # A .jsonl (or .json lines) or .csv file
                                    file=str(path), line=line)
             skipped.append((line, problem)); continue
         seen.add(rid)
-        exp = row.get(task.output.field, row.get("expected"))
-        examples.append(Example(rid, {k: row[k] for k in row if k in names}, str(exp), line))
+        exp = _expected(row, task)
+        examples.append(Example(rid, {k: row[k] for k in row if k in names}, exp if isinstance(exp, dict) else str(exp),
+                                line))
     if skipped: log.warning("%s: skipped %d bad row(s): %s", path.name, len(skipped),
                             "; ".join(f"line {l}: {p}" for l, p in skipped[:5]))
     if not examples:
@@ -170,6 +181,11 @@ def score(rows:list[dict], # Per-example rows (see above)
              tokens_in_total=sum(r["tokens_in"] for r in rows), tokens_out_total=sum(r["tokens_out"] for r in rows),
              cost_total_usd=sum(r["cost_usd"] for r in rows), fresh_calls=len(fresh))
     m["tokens_per_call"] = (m["tokens_in_total"] + m["tokens_out_total"]) / n
+    if all("fields" in r for r in rows):
+        per = [json.loads(r["fields"]) for r in rows]
+        for k in dict.fromkeys(k for d in per for k in d):
+            m[f"field_accuracy_{_metric_name(k)}"] = sum(d.get(k, False) for d in per) / n
+    if all("token_f1" in r for r in rows): m["token_f1"] = sum(r["token_f1"] for r in rows) / n
     m["cost_per_call_usd"] = m["cost_total_usd"] / n
     if fresh: m["latency_p50_ms"], m["latency_p95_ms"] = percentile(fresh, 50), percentile(fresh, 95)
     rep = [r for r in rows if len(r.get("answers") or []) > 1]
@@ -212,11 +228,12 @@ def _label(r) -> str|None:
 def _example_row(pipe, e:Example, r, var:str) -> dict:
     "One example's row from its `Result`."
     canned = r.fallback and r.provider == "task"
-    pred = _label(r)
     cost = r.cost_usd if not r.cache_hit else pipe.prices.cost(r.model, r.provider, r.tokens_in, r.tokens_out)
     text = e.inputs.get(var, "") if len(pipe.task.inputs) == 1 else json.dumps(e.inputs, ensure_ascii=False)
-    return dict(id=e.id, line=e.line, input=text, expected=e.expected, predicted=pred,
-                correct=pred is not None and str(pred) == e.expected, valid=r.output is not None and not canned,
+    pred, correct, extra = _judged(pipe.task.output, e.expected, r.output if r.ok and not canned else None)
+    return dict(id=e.id, line=e.line, input=text, expected=e.expected if isinstance(e.expected, str) else
+                json.dumps(e.expected, sort_keys=True), predicted=pred, correct=correct,
+                valid=r.output is not None and not canned, **extra,
                 error=(r.error or {}).get("type"), latency_ms=round(r.latency_ms, 3), tokens_in=r.tokens_in,
                 tokens_out=r.tokens_out, cost_usd=cost, cache_hit=r.cache_hit, retries=r.retries, fallback=r.fallback)
 
@@ -240,6 +257,38 @@ def answer(pipe, # A `Pipeline` bound to the version under test
             row["repeat_latencies"] = [x.latency_ms for x in reps if x.ok]
         rows.append(row)
     return rows
+
+# %% ../nbs/16_evaluation.ipynb #c030_2
+def _norm(x):
+    if isinstance(x, str): return " ".join(x.casefold().split())
+    if isinstance(x, float): return round(x, 6)
+    if isinstance(x, list): return sorted(json.dumps(_norm(v), sort_keys=True) for v in x)
+    if isinstance(x, dict): return {k: _norm(v) for k, v in x.items()}
+    return x
+
+def _words(s:str) -> list[str]: return re.findall(r"\w+", s.casefold())
+
+def token_f1(answer:str, reference:str) -> float:
+    "Token-overlap F1 of an answer against a reference (bag of lower-cased words)."
+    from collections import Counter
+    a, b = Counter(_words(answer or "")), Counter(_words(reference or ""))
+    same = sum((a & b).values())
+    if not same: return float(not a and not b)
+    p, r = same / sum(a.values()), same / sum(b.values())
+    return 2 * p * r / (p + r)
+
+def _judged(schema, expected, output) -> tuple:
+    "(predicted, correct, extra row fields) of one answer (`output` None: no valid answer)."
+    if schema.schema and isinstance(expected, dict):
+        fields = {k: output is not None and _norm(output.get(k)) == _norm(v) for k, v in expected.items()}
+        pred = None if output is None else json.dumps(output, sort_keys=True)
+        return pred, output is not None and all(fields.values()), dict(fields=json.dumps(fields))
+    if schema.kind == "text":
+        pred = None if output is None else output.get(schema.field)
+        same = pred is not None and _words(pred) == _words(expected)
+        return pred, same, dict(token_f1=token_f1(pred or "", expected) if pred is not None else 0.0)
+    pred = None if output is None else next(iter(output.values()), None)
+    return pred, pred is not None and str(pred) == expected, {}
 
 # %% ../nbs/16_evaluation.ipynb #c035
 def _pid_alive(pid:int) -> bool:

@@ -82,7 +82,10 @@ def grammar(self:LocalProvider, schema):
     if schema not in self._grammars:
         g = gbnf(schema)
         from llama_cpp import LlamaGrammar
-        self._grammars[schema] = LlamaGrammar.from_string(g, verbose=False) if g else None
+        if g: self._grammars[schema] = LlamaGrammar.from_string(g, verbose=False)
+        elif schema.schema:               # any JSON Schema: llama.cpp's own converter builds the grammar
+            self._grammars[schema] = LlamaGrammar.from_json_schema(schema.schema, verbose=False)
+        else: self._grammars[schema] = None
     return self._grammars[schema]
 
 # %% ../nbs/06_local.ipynb #c018

@@ -105,20 +105,52 @@ def render_messages(self:PromptVersion, **values) -> list[dict]:
 @dataclass
 class OutputSchema:
     "What a valid answer looks like."
-    kind: str = "label"              # "label" (one bare word) or "json" (an object)
-    field: str = "label"             # the label's field name in the parsed output
+    kind: str = "label"              # "label" (one bare word), "json" (an object) or "text" (free text)
+    field: str = "label"             # the label's field name in the parsed output ("text" for a text task)
     labels: tuple[str, ...] = ()     # allowed values; empty = free text
     confidence: bool = False         # must the output carry a confidence in [0, 1]?
-    def __hash__(self): return hash((self.kind, self.field, self.labels, self.confidence))
+    schema: str = ""                 # a json task's JSON Schema, as canonical JSON text ("" = label + confidence)
+    max_chars: int = 0               # a text answer's length at most (0: any)
+    pattern: str = ""                # a regular expression a text answer must match
+    must_not_contain: tuple[str, ...] = ()   # words or phrases a text answer must not contain (any case)
+    def __hash__(self):
+        return hash((self.kind, self.field, self.labels, self.confidence, self.schema, self.max_chars, self.pattern,
+                     self.must_not_contain))
+    @property
+    def json_schema(self) -> dict|None:
+        "The JSON Schema of a json task given one (None otherwise)."
+        return json.loads(self.schema) if self.schema else None
     @classmethod
-    def from_dict(cls, d:dict, where:str):
-        "The schema of a task file's `[output]` table; `where` names the file in errors."
+    def from_dict(cls, d:dict, where:str, base:Path|None=None):
+        "The schema of a task file's `[output]` table; `where` names the file in errors, `base` is its folder."
         kind = d.get("kind", "label")
-        if kind not in ("label", "json"):
-            raise ConfigError(f"{where}: [output] kind must be 'label' or 'json', not {kind!r}")
+        if kind not in ("label", "json", "text"):
+            raise ConfigError(f"{where}: [output] kind must be 'label', 'json' or 'text', not {kind!r}")
         labels = tuple(d.get("labels", ()))
         if kind == "label" and not labels: raise ConfigError(f"{where}: a label task needs [output] labels")
-        return cls(kind, d.get("field", "label"), labels, bool(d.get("confidence", False)))
+        schema = _schema_text(d, where, base) if kind == "json" else ""
+        return cls(kind, d.get("field", "text" if kind == "text" else "label"), labels,
+                   bool(d.get("confidence", False)), schema, int(d.get("max_chars", 0)), str(d.get("pattern", "")),
+                   tuple(d.get("must_not_contain", ())))
+
+# %% ../nbs/02_prompts.ipynb #c018_2
+def _schema_text(d:dict, where:str, base:Path|None) -> str:
+    "A json task's JSON Schema from `[output] schema` (a table) or `schema_file`, checked; '' when neither."
+    if "schema" in d and "schema_file" in d:
+        raise ConfigError(f"{where}: give [output] schema or schema_file, not both")
+    if "schema_file" in d:
+        f = (base or Path(".")) / d["schema_file"]
+        try: schema = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e: raise ConfigError(f"{where}: schema_file {f}: {e}") from None
+    elif "schema" in d: schema = d["schema"]
+    else: return ""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+    try: Draft202012Validator.check_schema(schema)
+    except SchemaError as e:
+        path = "/".join(map(str, e.absolute_path)) or "(root)"
+        raise ConfigError(f"{where}: [output] schema is not a valid JSON Schema at {path}: {e.message}") from None
+    return json.dumps(schema, sort_keys=True, separators=(",", ":"))
 
 # %% ../nbs/02_prompts.ipynb #c022
 @dataclass
@@ -247,7 +279,7 @@ def load_task(name:str, # The task's folder name
     notes = {int(str(k).lstrip("v")): v for k, v in cfg.get("versions", {}).items()}
     ds = cfg.get("dataset", {}).get("path")
     return Task(name=cfg.get("name", name), dir=d, description=cfg.get("description", ""),
-                output=OutputSchema.from_dict(cfg.get("output", {}), str(tf)), input=next(iter(inputs.values())),
+                output=OutputSchema.from_dict(cfg.get("output", {}), str(tf), d), input=next(iter(inputs.values())),
                 defaults=cfg.get("defaults", {}), dataset=(d / ds) if ds else None,
                 fallback=cfg.get("fallback"), versions=_read_versions(d, name, notes), config=cfg, inputs=inputs)
 

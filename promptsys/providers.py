@@ -239,6 +239,8 @@ class OpenAIProvider(HTTPProvider):
         if req.temperature == 0: b["top_p"] = 1
         if req.schema is not None and self.constrain != "none":
             if self.constrain == "grammar" and (g := gbnf(req.schema)): b["grammar"] = g
+            elif self.constrain == "grammar" and req.schema.schema:    # llama.cpp server: a JSON Schema it compiles
+                b["response_format"] = {"type": "json_object", "schema": json_schema(req.schema)}
             elif self.constrain == "json_schema" and req.schema.kind == "json":
                 b["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "strict": True,
                                                                               "schema": json_schema(req.schema)}}
@@ -255,8 +257,8 @@ class AnthropicProvider(HTTPProvider):
     "Anthropic's Messages API."
     name, path = "anthropic", "/v1/messages"
     def __init__(self, base_url="https://api.anthropic.com", model="claude-3-5-haiku-latest",
-                 api_key_env="ANTHROPIC_API_KEY", api_version="2023-06-01", **kw):
-        self.api_version = api_version
+                 api_key_env="ANTHROPIC_API_KEY", api_version="2023-06-01", constrain="none", **kw):
+        self.api_version, self.constrain = api_version, constrain
         super().__init__(base_url, model, api_key_env, **kw)
     def headers(self):
         h = {"anthropic-version": self.api_version}
@@ -267,9 +269,17 @@ class AnthropicProvider(HTTPProvider):
         b = {"model": req.model or self.model, "max_tokens": req.max_tokens, "temperature": req.temperature,
              "messages": [m for m in req.messages if m["role"] != "system"]}
         if system: b["system"] = system
+        if self.constrain == "tool" and req.schema is not None and req.schema.kind == "json":
+            # structured output through tool use: the model must call `answer` with arguments fitting the schema
+            b["tools"] = [{"name": "answer", "description": "Give the answer.",
+                           "input_schema": json_schema(req.schema)}]
+            b["tool_choice"] = {"type": "tool", "name": "answer"}
         return b
     def parse(self, data:dict, latency:float) -> Completion:
-        text = "".join(b.get("text", "") for b in data["content"] if b.get("type") == "text")
+        tool = next((b for b in data["content"] if b.get("type") == "tool_use" and "input" in b), None)
+        tool = tool if self.constrain == "tool" else None
+        text = (json.dumps(tool.get("input", {})) if tool is not None
+                else "".join(b.get("text", "") for b in data["content"] if b.get("type") == "text"))
         u = data.get("usage") or {}
         return Completion(text, int(u.get("input_tokens", 0)), int(u.get("output_tokens", 0)), latency,
                           data.get("model", self.model), self.name, self.endpoint, data.get("stop_reason") or "")
@@ -352,7 +362,7 @@ def from_settings(cls:OpenAIProvider, settings, model:str|None=None, base_url:st
 def from_settings(cls:AnthropicProvider, settings, model:str|None=None, base_url:str|None=None) -> AnthropicProvider:
     "The provider `[anthropic]` describes."
     s = settings.anthropic
-    return cls(base_url or s.base_url, model or s.model, s.api_key_env, s.api_version,
+    return cls(base_url or s.base_url, model or s.model, s.api_key_env, s.api_version, s.constrain,
                connect_timeout=s.connect_timeout, read_timeout=s.read_timeout)
 
 # %% ../nbs/04_providers.ipynb #c070

@@ -120,12 +120,29 @@ def output_model(schema:OutputSchema):
 
 # %% ../nbs/03_validation.ipynb #c018
 def validate_output(obj:dict, schema:OutputSchema) -> dict:
-    "Validate a parsed output with the schema's pydantic model."
+    "Validate a parsed output with the schema's pydantic model (or its JSON Schema, when it has one)."
+    if schema.schema: return _validate_schema(obj, schema)
     from pydantic import ValidationError
     try: return output_model(schema).model_validate(obj).model_dump()
     except ValidationError as e:
         errs = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'output'}: {x['msg']}" for x in e.errors())
         raise OutputValidationError(f"output does not match the schema: {errs}") from None
+
+# %% ../nbs/03_validation.ipynb #c020_2
+@lru_cache(maxsize=64)
+def _validator(schema:OutputSchema):
+    from jsonschema import Draft202012Validator
+    return Draft202012Validator(schema.json_schema)
+
+def _path(p) -> str:
+    return "".join(f"[{x}]" if isinstance(x, int) else (f".{x}" if i else str(x)) for i, x in enumerate(p)) or "output"
+
+def _validate_schema(obj, schema:OutputSchema) -> dict:
+    errs = sorted(_validator(schema).iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))
+    if errs:
+        raise OutputValidationError("output does not match the schema: " +
+                                    "; ".join(f"{_path(e.absolute_path)}: {e.message}" for e in errs[:5]))
+    return obj
 
 # %% ../nbs/03_validation.ipynb #c022
 FENCE = re.compile(r"```(?:json)?\s*(\{.*?\})\s*```", re.S)
@@ -155,8 +172,22 @@ def _extract_json(raw:str):
                 if depth == 0:
                     try: return json.loads(raw[start:i + 1])
                     except json.JSONDecodeError: break
+        else: return None      # never closed (a cut-off answer): any later "{" is inside it, not an answer
         start = raw.find("{", start + 1)
     return None
+
+# %% ../nbs/03_validation.ipynb #c025_1
+def _text_output(raw:str, schema:OutputSchema) -> dict:
+    "A text task's answer, checked."
+    text = raw.strip()
+    if schema.max_chars and len(text) > schema.max_chars:
+        raise OutputValidationError(f"the answer has {len(text)} characters, the maximum is {schema.max_chars}")
+    if schema.pattern and not re.search(schema.pattern, text):
+        raise OutputValidationError(f"the answer does not match the pattern {schema.pattern!r}")
+    low = text.casefold()
+    if bad := [w for w in schema.must_not_contain if w.casefold() in low]:
+        raise OutputValidationError(f"the answer contains {', '.join(map(repr, bad))}")
+    return {schema.field: text}
 
 # %% ../nbs/03_validation.ipynb #c026
 def parse_output(raw:str, # The model's raw text
@@ -165,6 +196,7 @@ def parse_output(raw:str, # The model's raw text
     "Parse and validate `raw` against `schema`; return the output as a dict or raise `OutputValidationError`."
     if not isinstance(raw, str) or not raw.strip():
         raise OutputValidationError("the model returned an empty answer")
+    if schema.kind == "text": return _text_output(raw, schema)
     if schema.kind == "label":
         word = raw.strip().strip(" \t\n.!,;:'\"`*").lower()
         if word in schema.labels: return {schema.field: word}
@@ -178,19 +210,22 @@ def parse_output(raw:str, # The model's raw text
         obj = _extract_json(raw)
         if obj is None: raise OutputValidationError(f"no JSON object in the answer {raw[:80]!r}")
     if not isinstance(obj, dict): raise OutputValidationError(f"expected a JSON object, got {type(obj).__name__}")
+    if schema.schema: return _validate_schema(obj, schema)
     if isinstance(obj.get(schema.field), str): obj[schema.field] = obj[schema.field].strip().lower()
     return validate_output(obj, schema)
 
 # %% ../nbs/03_validation.ipynb #c030
 def json_schema(schema:OutputSchema) -> dict:
     "The output schema as a JSON Schema (for `response_format` / structured outputs)."
+    if schema.schema: return schema.json_schema
     props = {schema.field: {"type": "string", **({"enum": list(schema.labels)} if schema.labels else {})}}
     if schema.confidence: props["confidence"] = {"type": "number", "minimum": 0, "maximum": 1}
     return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
 
 # %% ../nbs/03_validation.ipynb #c034
 def gbnf(schema:OutputSchema) -> str|None:
-    "A llama.cpp GBNF grammar that only admits valid answers (None: no constraint possible)."
+    "A llama.cpp GBNF grammar that only admits valid answers (None: none here; see `local` for JSON Schemas)."
+    if schema.kind == "text" or schema.schema: return None
     alts = " | ".join(json.dumps(l) for l in schema.labels)
     if schema.kind == "label": return f"root ::= {alts}" if schema.labels else None
     label = " | ".join(json.dumps(json.dumps(l)) for l in schema.labels) if schema.labels else "string"

@@ -3,7 +3,7 @@
 Run as a separate process::
 
     python3 tests/fakeserver.py --port 0 [--host 127.0.0.1] [--seed 0]
-        [--answer-mode {keyword,fixed,json}] [--answer TEXT]
+        [--answer-mode {keyword,fixed,json,echo}] [--answer TEXT]
         [--require-key KEY] [--delay-ms N]
         [--p500 P] [--p503 P] [--p429 P] [--phang P] [--pmalformed P] [--preset P]
         [--retry-after SECONDS] [--hang-seconds SECONDS]
@@ -177,7 +177,7 @@ import struct  # noqa: E402
 PROB_KEYS = ("p500", "p503", "p429", "phang", "pmalformed", "preset")
 FAULT_OUTCOMES = ("500", "503", "429", "hang", "malformed", "reset")
 STAT_KEYS = ("total", "ok", "500", "503", "429", "hang", "malformed", "reset", "401", "400")
-ANSWER_MODES = ("keyword", "fixed", "json")
+ANSWER_MODES = ("keyword", "fixed", "json", "echo")
 
 POSITIVE = ("love", "great", "excellent", "perfect", "amazing", "good")
 POS_BLOCKERS = ("not", "never", "terrible", "awful", "bad", "broke", "worst")
@@ -530,6 +530,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         prompt = "\n".join(p for m in messages if isinstance(m, dict) for p in _parts(m.get("content")))
         if mode == "fixed":
             answer = cfg["answer"]
+        elif mode == "echo":          # the answer is whatever follows the last "Echo:" in the last user message
+            last = "\n".join(last_user)
+            answer = last[last.rfind("Echo:") + 5:].strip() if "Echo:" in last else ""
         else:
             label = keyword_label("\n".join(last_user))
             if cfg.get("wrong_if_contains") and cfg["wrong_if_contains"] in prompt:

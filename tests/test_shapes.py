@@ -154,3 +154,136 @@ def test_a_chat_prompt_on_the_embedded_model(env, tmp_path):
     assert a.ok and a.output["label"] in ("positive", "negative", "neutral") and a.output == b.output
     plain = Pipeline("route", 1, settings=s).run(subject="Toaster", body="Terrible, it broke after a day.")
     assert a.tokens_in > plain.tokens_in          # system and few-shot turns went through the chat template
+
+
+# ---------------------------------------------------------------- output kinds: JSON Schema objects and free text
+
+ORDER_SCHEMA = {"type": "object", "required": ["order_id", "items", "action", "date"], "additionalProperties": False,
+                "properties": {"order_id": {"type": "string", "pattern": "^A-[0-9]{5}$"},
+                               "items": {"type": "array", "minItems": 1, "items": {
+                                   "type": "object", "required": ["name", "qty"], "additionalProperties": False,
+                                   "properties": {"name": {"type": "string"},
+                                                  "qty": {"type": "integer", "minimum": 1, "maximum": 99}}}},
+                               "action": {"enum": ["refund", "replace", "track"]},
+                               "date": {"type": ["string", "null"]}}}
+
+
+def orders_task(prompts: Path):
+    "An extraction task: an e-mail in, a nested object out. The fake server's echo mode answers what follows 'Echo:'."
+    d = prompts / "orders"; (d / "data").mkdir(parents=True)
+    (d / "schema.json").write_text(json.dumps(ORDER_SCHEMA, indent=1))
+    (d / "task.toml").write_text('name = "orders"\n[inputs.email]\nmax_chars = 4000\n'
+                                 '[output]\nkind = "json"\nfield = "action"\nschema_file = "schema.json"\n'
+                                 '[dataset]\npath = "data/d.jsonl"\n[versions]\n1 = "Extract the order."\n')
+    (d / "v1_extract.toml").write_text('[[messages]]\nrole = "system"\ncontent = "Extract the order as JSON."\n'
+                                       '[[messages]]\nrole = "user"\ncontent = """{{email}}"""\n')
+    good = lambda i, action: {"order_id": f"A-{i:05d}", "items": [{"name": "mug", "qty": i}], "action": action,
+                              "date": None}
+    rows = []
+    for i in range(1, 7):
+        exp = good(i, "refund")
+        answer = dict(exp)
+        if i in (2, 3): answer["action"] = "track"                  # wrong field: action
+        if i == 4: answer["items"] = [{"name": "mug", "qty": 5}]   # wrong field: items
+        if i == 5: answer["order_id"] = "12345"                      # breaks the schema's pattern: invalid
+        rows.append(dict(id=f"o{i}", email=f"Hi, order A-{i:05d}, please refund. Echo: {json.dumps(answer)}",
+                         expected=exp))
+    (d / "data" / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def kinds(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("kinds")
+    orders_task(tmp / "prompts")
+    proc, url = start_server("--delay-ms", "0", "--answer-mode", "echo")
+    ov = {"promptsys.prompts_dir": str(tmp / "prompts"), "promptsys.state_dir": str(tmp / "state"),
+          "promptsys.records": "none", "cache.enabled": "false", "cache.dir": str(tmp / "cache"),
+          "mlflow.tracking_uri": f"sqlite:///{tmp}/mlflow.db", "mlflow.experiment_prefix": "t",
+          "model.provider": "openai", "openai.base_url": url + "/v1", "openai.api_key_env": "",
+          "breaker.shared": "false", "retry.max_attempts": "1", "eval.runs_dir": str(tmp / "runs")}
+    try: yield dict(tmp=tmp, url=url, ov=ov, s=load_settings(ROOT / "settings.ini", overrides=ov, env={}))
+    finally: stop_server(proc)
+
+
+def test_structured_output_payload_of_each_provider(kinds):
+    email = 'Order A-00042. Echo: {"order_id": "A-00042", "items": [{"name": "lid", "qty": 2}], "action": "track", "date": null}'
+    for constrain, want in [("json_schema", {"type": "json_schema", "json_schema": {"name": "output", "strict": True,
+                                                                                   "schema": ORDER_SCHEMA}}),
+                            ("grammar", {"type": "json_object", "schema": ORDER_SCHEMA})]:
+        s = load_settings(ROOT / "settings.ini", overrides={**kinds["ov"], "openai.constrain": constrain}, env={})
+        r = Pipeline("orders", 1, settings=s).run(email=email)
+        assert r.ok and r.output["items"] == [{"name": "lid", "qty": 2}]
+        assert requests(kinds["url"])[-1]["body"]["response_format"] == want
+    os.environ["PROMPTSYS_TEST_ANTHROPIC_KEY"] = "sk-ant-test-not-real"
+    s = load_settings(ROOT / "settings.ini", overrides={**kinds["ov"], "model.provider": "anthropic",
+                      "anthropic.base_url": kinds["url"], "anthropic.api_key_env": "PROMPTSYS_TEST_ANTHROPIC_KEY",
+                      "anthropic.constrain": "tool"}, env={})
+    r = Pipeline("orders", 1, settings=s).run(email=email)
+    body = requests(kinds["url"])[-1]["body"]
+    assert body["tools"] == [{"name": "answer", "description": "Give the answer.", "input_schema": ORDER_SCHEMA}]
+    assert body["tool_choice"] == {"type": "tool", "name": "answer"} and body["system"] == "Extract the order as JSON."
+    assert r.ok and r.output["action"] == "track"       # the fake server answers in text: parsed all the same
+
+
+def test_schema_errors_name_the_field_path(kinds):
+    bad = 'Echo: {"order_id": "A-00001", "items": [{"name": "mug", "qty": 0}], "action": "refund", "date": null}'
+    s = load_settings(ROOT / "settings.ini", overrides={**kinds["ov"], "promptsys.mode": "strict"}, env={})
+    with pytest.raises(Exception, match=re.escape("items[0].qty: 0 is less than the minimum of 1")):
+        Pipeline("orders", 1, settings=s).run(email=bad)
+
+
+def test_eval_scores_each_field(kinds):
+    df = pe.evaluate("orders", settings=kinds["s"], progress=False)
+    m = df.loc[1]
+    # rows 1 and 6 are right; 2 and 3 get the action wrong, 4 the items, 5 is invalid (every field counts wrong)
+    assert m.accuracy == pytest.approx(2 / 6) and m.format_validity == pytest.approx(5 / 6)
+    got = registry.mlflow_client(kinds["s"]).get_run(m.run_id).data.metrics        # logged to the MLflow run
+    assert got["field_accuracy_action"] == pytest.approx(3 / 6) and got["field_accuracy_items"] == pytest.approx(4 / 6)
+    assert got["field_accuracy_order_id"] == pytest.approx(5 / 6) and got["field_accuracy_date"] == pytest.approx(5 / 6)
+
+
+def test_a_dataset_row_that_breaks_the_schema_names_the_line(kinds):
+    t = load_task("orders", kinds["s"].promptsys.prompts_dir)
+    f = kinds["tmp"] / "bad.jsonl"
+    f.write_text(json.dumps({"id": "x", "email": "hi", "expected": {"order_id": "A-1", "items": [], "action": "x",
+                                                                   "date": None}}) + "\n")
+    from promptsys.errors import DatasetError
+    with pytest.raises(DatasetError, match=r"bad.jsonl:1: 'expected' does not fit the task's schema: .*action"):
+        pe.load_dataset(f, t)
+
+
+def test_a_json_schema_on_the_embedded_model(kinds):
+    "llama.cpp compiles the JSON Schema into a grammar: a 135M model's answer is always schema-valid."
+    s = load_settings(ROOT / "settings.ini", overrides={**kinds["ov"], "model.provider": "local",
+                                                        "local.decoding": "grammar", "model.max_tokens": "256"}, env={})
+    pipe = Pipeline("orders", 1, settings=s)
+    email = "Hello, my order A-00731 had 2 mugs and 1 kettle. The kettle broke. Please replace it."
+    a, b = pipe.run(email=email), pipe.run(email=email)
+    assert a.ok and a.output == b.output, a.error
+    from promptsys.validation import validate_output
+    assert validate_output(a.output, pipe.task.output) == a.output
+
+
+def test_a_text_task(kinds, tmp_path):
+    d = tmp_path / "prompts" / "summary"; (d / "data").mkdir(parents=True)
+    (d / "task.toml").write_text('[output]\nkind = "text"\nmax_chars = 80\nmust_not_contain = ["as an AI"]\n'
+                                 '[dataset]\npath = "data/d.jsonl"\n')
+    (d / "v1_echo.txt").write_text("Summarise in one sentence: {{text}}")
+    rows = [{"id": "a", "text": "Echo: The kettle is loud but fast.", "expected": "The kettle is loud but fast."},
+            {"id": "b", "text": "Echo: A fast kettle.", "expected": "The kettle is loud but fast."},
+            {"id": "c", "text": "Echo: As an AI I cannot say.", "expected": "It arrived broken."}]
+    (d / "data" / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = load_settings(ROOT / "settings.ini", overrides={**kinds["ov"], "promptsys.prompts_dir": str(tmp_path / "prompts"),
+                      "mlflow.tracking_uri": f"sqlite:///{tmp_path}/m.db"}, env={})
+    assert Pipeline("summary", 1, settings=s).run("Echo: Fine.").output == {"text": "Fine."}
+    m = pe.evaluate("summary", settings=s, progress=False).loc[1]
+    assert m.accuracy == pytest.approx(1 / 3) and m.format_validity == pytest.approx(2 / 3)
+    f1 = registry.mlflow_client(s).get_run(m.run_id).data.metrics["token_f1"]
+    assert f1 == pytest.approx((1.0 + _f1("A fast kettle.", "The kettle is loud but fast.") + 0.0) / 3)
+
+
+def _f1(a: str, b: str) -> float:
+    "Token F1 written out for the test: common words over both bags."
+    wa, wb = re.findall(r"\w+", a.lower()), re.findall(r"\w+", b.lower())
+    common = sum(min(wa.count(w), wb.count(w)) for w in set(wa))
+    return 0.0 if not common else 2 * (common / len(wa)) * (common / len(wb)) / (common / len(wa) + common / len(wb))
