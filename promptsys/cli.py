@@ -13,12 +13,12 @@ from .config import Settings, load_settings
 __all__ = ['COMMANDS', 'GROUPS', 'set_overrides', 'settings_from_args', 'commands_text', 'parser', 'main',
            'configure_install_local', 'cmd_install_local', 'configure_doctor', 'cmd_doctor', 'accuracy_table',
            'table_text', 'configure_demo', 'cmd_demo', 'cmd_prompts_list', 'cmd_prompts_show', 'configure_prompts',
-           'configure_run', 'run_inputs', 'cmd_run', 'configure_eval', 'cmd_eval', 'configure_promote', 'cmd_promote',
-           'configure_rollback', 'cmd_rollback', 'configure_stage', 'cmd_stage', 'configure_history', 'cmd_history',
-           'configure_diff', 'cmd_diff', 'configure_ui', 'cmd_ui', 'configure_rollout', 'configure_schedule',
-           'schedule_text', 'cmd_schedule', 'configure_dashboard', 'cmd_dashboard', 'configure_feedback',
-           'cmd_feedback', 'configure_alerts', 'cmd_alerts', 'configure_metrics', 'cmd_metrics', 'configure_shared',
-           'cmd_shared']
+           'configure_new', 'cmd_new', 'configure_check', 'cmd_check', 'configure_run', 'run_inputs', 'cmd_run',
+           'configure_eval', 'cmd_eval', 'configure_promote', 'cmd_promote', 'configure_rollback', 'cmd_rollback',
+           'configure_stage', 'cmd_stage', 'configure_history', 'cmd_history', 'configure_diff', 'cmd_diff',
+           'configure_ui', 'cmd_ui', 'configure_rollout', 'configure_schedule', 'schedule_text', 'cmd_schedule',
+           'configure_dashboard', 'cmd_dashboard', 'configure_feedback', 'cmd_feedback', 'configure_alerts',
+           'cmd_alerts', 'configure_metrics', 'cmd_metrics', 'configure_shared', 'cmd_shared']
 
 # %% ../nbs/21_cli.ipynb #c006
 def set_overrides(a:argparse.Namespace) -> dict:
@@ -44,7 +44,7 @@ COMMANDS: dict = {}
 
 GROUPS = {
     "getting started": ["install-local", "doctor", "demo"],
-    "prompts": ["prompts", "run"],
+    "prompts": ["prompts", "new", "check", "run"],
     "evaluate": ["eval", "diff"],
     "promote": ["promote", "rollback", "stage", "history", "rollout"],
     "schedule": ["schedule", "ui"],
@@ -125,9 +125,13 @@ COMMANDS["doctor"] = ("check the embedded model's build on this CPU (a real forw
                       configure_doctor, cmd_doctor)
 
 # %% ../nbs/21_cli.ipynb #c023
+def _answer(r):
+    "A result's output, unless it failed or is the task's canned fallback."
+    return r.output if r.ok and not (r.fallback and r.provider == "task") else None
+
 def accuracy_table(task:str, settings:Settings, versions=None, limit:int|None=None, progress=True) -> list[dict]:
     "Accuracy, latency and tokens of each version on the task's dataset, with no MLflow or pandas."
-    from promptsys.evaluation import load_dataset
+    from promptsys.evaluation import load_dataset, judge_answer
     from promptsys.metrics import percentile
     from promptsys.pipeline import Pipeline
     from promptsys.prompts import load_task
@@ -142,7 +146,8 @@ def accuracy_table(task:str, settings:Settings, versions=None, limit:int|None=No
         wall = time.perf_counter() - t0
         ok = [r for r in rs if r.ok]
         out.append(dict(version=f"v{n}", name=p.prompt.name, hash=p.prompt.hash,
-                        accuracy=round(sum(r.label == e.expected for r, e in zip(rs, examples)) / len(examples), 4),
+                        accuracy=round(sum(judge_answer(t.output, e.expected, _answer(r))[1]
+                                           for r, e in zip(rs, examples)) / len(examples), 4),
                         n=len(examples), errors=len(rs) - len(ok),
                         p50_ms=round(percentile([r.latency_ms for r in ok], 50) or 0.0, 1),
                         tokens_in=sum(r.tokens_in for r in rs), cost_usd=sum(r.cost_usd for r in rs),
@@ -159,22 +164,29 @@ def table_text(rows:list[dict]) -> str:
 
 # %% ../nbs/21_cli.ipynb #c026
 def configure_demo(p):
-    p.add_argument("--task", default="sentiment"); p.add_argument("--limit", type=int, help="first N dataset rows only")
+    p.add_argument("--task", help="one task (default: every task, each with its task.toml [demo] limit)")
+    p.add_argument("--limit", type=int, help="first N dataset rows only")
     p.add_argument("--provider"); p.add_argument("--model")
     p.add_argument("--no-mlflow", action="store_true", help="only print the accuracy table")
 
 def cmd_demo(a) -> int:
-    "Score every version of the task on its dataset with the configured model (default: the local one)."
+    "Score every version of every task (or one) on its dataset with the configured model (default: the local one)."
     import importlib.util
+    from promptsys.prompts import list_tasks, load_task
     s = settings_from_args(a)
-    if not a.no_mlflow and importlib.util.find_spec("mlflow") is not None:
-        from promptsys.promotion import demo
-        return demo(a.task, s, limit=a.limit)
-    print(f"Scoring every version of {a.task!r} on its dataset with {s.model.provider} ...")
-    print(table_text(accuracy_table(a.task, s, limit=a.limit)))
-    return 0
+    rc = 0
+    for name in [a.task] if a.task else list_tasks(s.promptsys.prompts_dir):
+        limit = a.limit or load_task(name, s.promptsys.prompts_dir).config.get("demo", {}).get("limit")
+        print(f"\n===== {name}" + (f" (first {limit} rows)" if limit else "") + " =====", flush=True)
+        if not a.no_mlflow and importlib.util.find_spec("mlflow") is not None:
+            from promptsys.promotion import demo
+            rc |= demo(name, s, limit=limit)
+            continue
+        print(f"Scoring every version of {name!r} on its dataset with {s.model.provider} ...")
+        print(table_text(accuracy_table(name, s, limit=limit)))
+    return rc
 
-COMMANDS["demo"] = ("score every version of a task on its dataset (with MLflow: eval, gate, promote)",
+COMMANDS["demo"] = ("score every version of every task on its dataset (with MLflow: eval, gate, promote)",
                     configure_demo, cmd_demo)
 
 # %% ../nbs/21_cli.ipynb #c028
@@ -185,7 +197,8 @@ def cmd_prompts_list(a) -> int:
     tasks = [a.task] if a.task else list_tasks(s.promptsys.prompts_dir)
     if not tasks: print(f"no tasks in {s.promptsys.prompts_dir}"); return 0
     for name in tasks:
-        t = load_task(name, s.promptsys.prompts_dir)
+        try: t = load_task(name, s.promptsys.prompts_dir)
+        except PromptsysError as e: print(f"{name}: BROKEN — {e.message} (`promptsys check {name}`)"); continue
         print(f"{t.name}: {t.description}")
         for v in t.versions.values(): print(f"  v{v.number:<3} {v.name:24} {v.hash}  {v.note}")
     return 0
@@ -206,6 +219,36 @@ def configure_prompts(p):
     sh.set_defaults(fn=cmd_prompts_show)
 
 COMMANDS["prompts"] = ("list and show prompt versions", configure_prompts, None)
+
+def configure_new(p):
+    p.add_argument("task"); p.add_argument("--kind", choices=("label", "json", "text"), default="label")
+    p.add_argument("--inputs", default="text", help="comma-separated input names (default: text)")
+
+def cmd_new(a) -> int:
+    "Scaffold a task folder under [promptsys] prompts_dir."
+    from promptsys.prompts import scaffold_task
+    s = settings_from_args(a)
+    names = tuple(x.strip() for x in a.inputs.split(",") if x.strip())
+    d = scaffold_task(s.promptsys.prompts_dir, a.task, a.kind, names)
+    print(f"created {d}: edit task.toml, v1_first.txt and data/{a.task}.jsonl, then `promptsys check {a.task}`")
+    return 0
+
+COMMANDS["new"] = ("scaffold a task folder (task.toml with every key commented, v1, a dataset row, README)",
+    configure_new, cmd_new)
+
+def configure_check(p): p.add_argument("task")
+
+def cmd_check(a) -> int:
+    "Check a task folder; 0 when it is fine, 1 with every problem printed."
+    from promptsys.evaluation import check_task
+    s = settings_from_args(a)
+    problems = check_task(a.task, s.promptsys.prompts_dir)
+    for pr in problems: print(pr)
+    print(f"{a.task}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+COMMANDS["check"] = ("check a task folder: templates, inputs, schema, dataset rows (file:line for each problem)",
+    configure_check, cmd_check)
 
 # %% ../nbs/21_cli.ipynb #c033
 def configure_run(p):

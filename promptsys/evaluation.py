@@ -18,9 +18,10 @@ from .metrics import percentile
 log = logging.getLogger("promptsys.evaluation")
 
 # %% auto #0
-__all__ = ['log', 'INVALID', 'SUMMARY_COLUMNS', 'Example', 'Dataset', 'load_dataset', 'confusion_matrix', 'label_report', 'score',
-           'answer', 'token_f1', 'mark_stale_runs', 'confusion_figure', 'compare_figure', 'VersionEval',
-           'summary_frame', 'evaluate', 'run_summary', 'compare', 'run_examples', 'summary_text']
+__all__ = ['log', 'INVALID', 'SUMMARY_COLUMNS', 'Example', 'Dataset', 'load_dataset', 'check_task', 'confusion_matrix',
+           'label_report', 'score', 'answer', 'token_f1', 'judge_answer', 'mark_stale_runs', 'confusion_figure',
+           'compare_figure', 'VersionEval', 'summary_frame', 'evaluate', 'run_summary', 'compare', 'run_examples',
+           'summary_text']
 
 # %% ../nbs/16_evaluation.ipynb #c007
 @dataclass
@@ -76,6 +77,15 @@ def _expected(row:dict, task:Task):
     if task.output.schema or task.output.kind == "text": return row.get("expected")
     return row.get(task.output.field, row.get("expected"))
 
+def _expected_problem(exp:dict, schema:dict) -> str|None:
+    "What is wrong with an expected object: each field it gives must fit its property (it may leave some out)."
+    from jsonschema import Draft202012Validator
+    props = schema.get("properties", {})
+    for k, v in exp.items():
+        if k not in props: return f"{k!r} is not a field of the schema ({', '.join(props)})"
+        if err := next(iter(Draft202012Validator(props[k]).iter_errors(v)), None): return f"{k}: {err.message}"
+    return None
+
 def _row_problem(row:dict, task:Task, rid:str, seen:set) -> str|None:
     "What is wrong with one parsed row (None: nothing)."
     fld, labels = task.output.field, task.output.labels
@@ -91,8 +101,8 @@ def _row_problem(row:dict, task:Task, rid:str, seen:set) -> str|None:
         return f"expected {exp!r} is not one of {', '.join(labels)}"
     if task.output.schema:
         if not isinstance(exp, dict): return "a json task's row needs 'expected': the expected object"
-        try: validate_output(exp, task.output)
-        except OutputValidationError as e: return f"'expected' does not fit the task's schema: {e.message}"
+        if bad := _expected_problem(exp, task.output.json_schema):
+            return f"'expected' does not fit the task's schema: {bad}"
     if rid in seen: return f"duplicate id {rid!r}"
     return None
 
@@ -125,6 +135,35 @@ def load_dataset(path:str|Path, # A .jsonl (or .json lines) or .csv file
         raise DatasetError(f"dataset {path} has no usable rows",
                            "Each row needs the input text and the expected output.")
     return Dataset(path, examples, skipped)
+
+# %% ../nbs/16_evaluation.ipynb #c019_2
+def _line_of(path:Path, needle:str) -> int:
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if needle in line: return i
+    return 1
+
+def check_task(name:str, # The task's folder name
+               prompts_dir:str|Path|None=None) -> list[str]:
+    "Every problem of a task folder as 'file:line: what' ([] when it is fine)."
+    try: t = load_task(name, prompts_dir)
+    except PromptsysError as e: return [e.message]
+    out = []
+    for pv in t.versions.values():
+        f = pv.path or Path(t.dir) / pv.name
+        for v in pv.variables:
+            if v not in t.inputs:
+                out.append(f"{f}:{_line_of(f, '{{' + v)}: uses {{{{{v}}}}}, which task.toml does not declare "
+                           f"(inputs: {', '.join(t.inputs)})")
+        for n, spec in t.inputs.items():
+            if spec.required and spec.default is None and n not in pv.variables:
+                out.append(f"{f}:1: does not use the required input {n!r}")
+    if t.dataset is None: out.append(f"{t.dir / 'task.toml'}:1: no [dataset] path: nothing to evaluate on")
+    else:
+        try:
+            ds = load_dataset(t.dataset, t, bad_rows="skip")
+            out += [f"{t.dataset}:{line}: {problem}" for line, problem in ds.skipped]
+        except DatasetError as e: out.append(e.message)
+    return out
 
 # %% ../nbs/16_evaluation.ipynb #c021
 INVALID = "(invalid)"
@@ -230,7 +269,7 @@ def _example_row(pipe, e:Example, r, var:str) -> dict:
     canned = r.fallback and r.provider == "task"
     cost = r.cost_usd if not r.cache_hit else pipe.prices.cost(r.model, r.provider, r.tokens_in, r.tokens_out)
     text = e.inputs.get(var, "") if len(pipe.task.inputs) == 1 else json.dumps(e.inputs, ensure_ascii=False)
-    pred, correct, extra = _judged(pipe.task.output, e.expected, r.output if r.ok and not canned else None)
+    pred, correct, extra = judge_answer(pipe.task.output, e.expected, r.output if r.ok and not canned else None)
     return dict(id=e.id, line=e.line, input=text, expected=e.expected if isinstance(e.expected, str) else
                 json.dumps(e.expected, sort_keys=True), predicted=pred, correct=correct,
                 valid=r.output is not None and not canned, **extra,
@@ -277,7 +316,7 @@ def token_f1(answer:str, reference:str) -> float:
     p, r = same / sum(a.values()), same / sum(b.values())
     return 2 * p * r / (p + r)
 
-def _judged(schema, expected, output) -> tuple:
+def judge_answer(schema, expected, output) -> tuple:
     "(predicted, correct, extra row fields) of one answer (`output` None: no valid answer)."
     if schema.schema and isinstance(expected, dict):
         fields = {k: output is not None and _norm(output.get(k)) == _norm(v) for k, v in expected.items()}

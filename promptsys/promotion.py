@@ -400,6 +400,22 @@ def _row(n:int, pv, m:dict, st:str, since:str, evaluated:str) -> str:
             f"{_cell(m.get('latency_p95_ms'), '{:.0f} ms')} | {_cell(m.get('cost_per_call_usd'), '${:.6f}')} | "
             f"{_cell(m.get('n_examples'), '{:.0f}')} | {evaluated} | {pv.note or '—'} |")
 
+def _field_table(t:Task, runs:dict) -> list[str]:
+    "Per-field accuracy (json tasks with a schema) and token F1 (text tasks) per version, when the runs have them."
+    cols = sorted({k for r in runs.values() for k in r.data.metrics if k.startswith("field_accuracy_")})
+    cols += ["token_f1"] if any("token_f1" in r.data.metrics for r in runs.values()) else []
+    if not cols: return []
+    head = [c.removeprefix("field_accuracy_") for c in cols]
+    L = ["", "Per field (share of examples with the field right" + ("; token F1 for text" if "token_f1" in cols else "")
+         + "):", "", "| version | " + " | ".join(head) + " |", "|---|" + "---|" * len(cols)]
+    for n, r in runs.items():
+        L.append(f"| v{n} | " + " | ".join(_cell(r.data.metrics.get(c), "{:.3f}") for c in cols) + " |")
+    return L
+
+def _call_args(t:Task) -> str:
+    if len(t.inputs) == 1: return '"..."'
+    return ", ".join(f'{n}="..."' for n, spec in t.inputs.items() if spec.required and spec.default is None)
+
 def readme_text(task:str|Task, settings:Settings|None=None) -> str:
     "The task README's markdown, from MLflow, the aliases and the audit trail."
     s = settings or get_settings()
@@ -422,6 +438,7 @@ def readme_text(task:str|Task, settings:Settings|None=None) -> str:
             since = _utc(reg[pv.hash].creation_timestamp, "%Y-%m-%dT%H:%M:%SZ")
         m = runs[n].data.metrics if n in runs else {}
         L.append(_row(n, pv, m, st, since, _utc(runs[n].info.start_time) if n in runs else "never"))
+    L += _field_table(t, runs)
     if models := {r.data.params.get("provider", "") + ":" + r.data.params.get("model", "") for r in runs.values()}:
         ds = t.dataset.name if t.dataset else "?"
         L += ["", f"Model(s) of these evals: {', '.join(sorted(models))}; dataset `{ds}`."]
@@ -432,7 +449,8 @@ def readme_text(task:str|Task, settings:Settings|None=None) -> str:
     if not aliases: L.append(f"No aliases yet: `promptsys promote {t.name}` puts the best version in production.")
     L += ["", f"## Audit trail (latest 10; full: audit.jsonl, `promptsys history {t.name}`)", "", "```",
           format_history(audit[-10:]) or "(empty)", "```", "", "## Use", "", "```python",
-          "from promptsys import Pipeline", f'Pipeline("{t.name}", version="production").run("...")', "```", "",
+          "from promptsys import Pipeline", f'Pipeline("{t.name}", version="production").run({_call_args(t)})',
+          "```", "",
           f"`promptsys eval {t.name}` · `promptsys promote {t.name}` · `promptsys rollback {t.name}` · "
           f"`promptsys diff {t.name} <a> <b>` · `promptsys ui`", ""]
     return "\n".join(L)

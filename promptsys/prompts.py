@@ -13,7 +13,7 @@ from .errors import PromptNotFound, TemplateError, ConfigError
 
 # %% auto #0
 __all__ = ['VAR', 'VERSION_FILE', 'ROLES', 'INPUT_TYPES', 'content_hash', 'PromptVersion', 'chat_template', 'OutputSchema',
-           'InputLimits', 'input_specs', 'Task', 'load_task', 'list_tasks']
+           'InputLimits', 'input_specs', 'Task', 'load_task', 'list_tasks', 'scaffold_task']
 
 # %% ../nbs/02_prompts.ipynb #c006
 VAR = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
@@ -289,3 +289,49 @@ def list_tasks(prompts_dir:str|Path|None=None) -> list[str]:
     if not p.is_dir(): return []
     return sorted(d.name for d in p.iterdir()
                   if d.is_dir() and any(VERSION_FILE.match(f.name) for f in d.glob("v*.*")))
+
+# %% ../nbs/02_prompts.ipynb #c045_2
+_KIND_OUTPUT = {
+    "label": '[output]\nkind = "label"                 # label | json | text\nlabels = ["yes", "no"]'
+             '         # the allowed answers\n',
+    "json": '[output]\nkind = "json"                  # label | json | text\nfield = "answer"'
+            '               # the field records and dashboards show\n'
+            '[output.schema]                # a JSON Schema of the answer (or schema_file = "schema.json")\n'
+            'type = "object"\nrequired = ["answer", "confidence"]\nadditionalProperties = false\n'
+            '[output.schema.properties.answer]\nenum = ["yes", "no"]\n'
+            '[output.schema.properties.confidence]\ntype = "number"\nminimum = 0\nmaximum = 1\n',
+    "text": '[output]\nkind = "text"                  # label | json | text\nmax_chars = 400'
+            '                # the answer is at most this long\nmust_not_contain = ["As an AI"]\n'}
+_EXPECTED = {"label": '"yes"', "json": '{"answer": "yes"}', "text": '"Yes."'}
+
+def scaffold_task(prompts_dir:str|Path, # Where task folders live
+                  name:str, # The new task's folder name
+                  kind:str="label", # 'label', 'json' or 'text'
+                  inputs:tuple=("text",) # Its input variables
+                 ) -> Path:
+    "Write a new task folder (never over an existing one); its path."
+    if kind not in _KIND_OUTPUT: raise ConfigError(f"--kind {kind!r}: use label, json or text")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
+        raise ConfigError(f"task name {name!r}: use letters, digits, _ or -")
+    bad = [i for i in inputs if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", i)]
+    if bad or not inputs: raise ConfigError(f"--inputs {', '.join(bad) or '(none)'}: names must be identifiers")
+    d = Path(prompts_dir) / name
+    if d.exists(): raise ConfigError(f"{d} already exists", "Pick another name, or edit that folder.")
+    (d / "data").mkdir(parents=True)
+    ins = "".join(f"[inputs.{i}]\ntype = \"str\"                   # str | int | float | enum | list\n"
+                  f"max_chars = 4000               # longer input is rejected (on_too_long = \"truncate\" cuts it)\n"
+                  f"required = true                # false: a missing value takes `default`\n" for i in inputs)
+    (d / "task.toml").write_text(
+        f'# The {name} task. Every key is documented next to it; see the README of promptsys.\n'
+        f'name = "{name}"\ndescription = "What the task does, in one sentence."\n\n{ins}\n{_KIND_OUTPUT[kind]}\n'
+        '[defaults]\nmax_tokens = 64                 # the longest answer\ntemperature = 0.0\n\n'
+        f'[dataset]\npath = "data/{name}.jsonl"       # rows: every input, and the expected answer\n\n'
+        '[versions]\n1 = "First version."\n', encoding="utf-8")
+    body = "\n".join(f"{i.capitalize()}: {{{{{i}}}}}" for i in inputs)
+    (d / "v1_first.txt").write_text(f"Answer the question about this.\n{body}\nAnswer:\n", encoding="utf-8")
+    row = {"id": "example-1", **{i: f"an example {i}" for i in inputs}, "expected": json.loads(_EXPECTED[kind])}
+    (d / "data" / f"{name}.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
+    (d / "README.md").write_text(f"# {name}\n\nRegenerated from MLflow by `promptsys promote {name}`.\n"
+                                 "Until then: add rows to the dataset, then `promptsys check {name}` and "
+                                 f"`promptsys eval {name}`.\n", encoding="utf-8")
+    return d

@@ -248,7 +248,7 @@ def test_a_dataset_row_that_breaks_the_schema_names_the_line(kinds):
     f.write_text(json.dumps({"id": "x", "email": "hi", "expected": {"order_id": "A-1", "items": [], "action": "x",
                                                                    "date": None}}) + "\n")
     from promptsys.errors import DatasetError
-    with pytest.raises(DatasetError, match=r"bad.jsonl:1: 'expected' does not fit the task's schema: .*action"):
+    with pytest.raises(DatasetError, match=r"bad.jsonl:1: 'expected' does not fit the task's schema: order_id: 'A-1' does not match"):
         pe.load_dataset(f, t)
 
 
@@ -287,3 +287,35 @@ def _f1(a: str, b: str) -> float:
     wa, wb = re.findall(r"\w+", a.lower()), re.findall(r"\w+", b.lower())
     common = sum(min(wa.count(w), wb.count(w)) for w in set(wa))
     return 0.0 if not common else 2 * (common / len(wa)) * (common / len(wb)) / (common / len(wa) + common / len(wb))
+
+
+def test_a_new_user_adds_a_two_input_json_task(kinds, tmp_path):
+    "The README's path: promptsys new → check → add rows and a version → eval → promote, all from the shell."
+    ov = {**kinds["ov"], "promptsys.prompts_dir": str(tmp_path / "prompts"),
+          "mlflow.tracking_uri": f"sqlite:///{tmp_path}/m.db", "gate.max_p95_latency_increase": "100",
+          "gate.max_cost_increase": "1"}
+    sets = [x for k, v in ov.items() for x in ("--set", f"{k}={v}")]
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "promptsys.cli", *sets, *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=300)
+    out = cli("new", "tickets", "--kind", "json", "--inputs", "subject,body")
+    assert out.returncode == 0, out.stderr
+    assert cli("check", "tickets").returncode == 0
+    d = tmp_path / "prompts" / "tickets"
+    echo = lambda a: json.dumps({"answer": a, "confidence": 0.9})
+    rows = [{"id": f"r{i}", "subject": f"Ticket {i}", "body": f"Is it on? Echo: {echo(a)}", "expected": {"answer": a}}
+            for i, a in enumerate(["yes", "no", "yes", "no", "no", "yes", "no", "yes"])]
+    (d / "data" / "tickets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # v2 ends with its own "Echo:", so the model always answers yes (right on half of the rows)
+    (d / "v2_always.txt").write_text('Subject: {{subject}}\nBody: {{body}}\nEcho: {"answer": "yes", "confidence": 1}\n')
+    (d / "v3_bad.txt").write_text("Subject: {{subjct}}\n")
+    out = cli("check", "tickets")
+    assert out.returncode == 1 and "v3_bad.txt:1: uses {{subjct}}, which task.toml does not declare" in out.stdout
+    assert "v3_bad.txt:1: does not use the required input 'body'" in out.stdout
+    (d / "v3_bad.txt").unlink()
+    assert cli("check", "tickets").returncode == 0
+    out = cli("eval", "tickets")
+    assert out.returncode == 0, out.stderr
+    out = cli("promote", "tickets")
+    assert out.returncode == 0 and "promoted v1" in out.stdout, out.stdout + out.stderr
+    assert "| v1" in (d / "README.md").read_text()
