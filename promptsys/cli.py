@@ -299,15 +299,19 @@ def configure_eval(p):
     p.add_argument("--repeats", type=int, help="answers per example (consistency)")
     p.add_argument("--provider"); p.add_argument("--model")
     p.add_argument("--no-cache", action="store_true", help="bypass the response cache")
+    p.add_argument("--output", metavar="FILE", help="also write every per-example result (.csv, .jsonl, .parquet)")
 
 def cmd_eval(a) -> int:
     "Evaluate versions of a task and log them to MLflow; non-zero when any call failed."
     from promptsys.evaluation import evaluate, summary_text
     from promptsys.registry import parse_versions, tracking_uri, experiment_name
     s = settings_from_args(a)
-    df = evaluate(a.task, parse_versions(a.versions), a.dataset, settings=s, limit=a.limit, sample=a.sample,
-                  repeats=a.repeats, cache=not a.no_cache)
+    df, evals = evaluate(a.task, parse_versions(a.versions), a.dataset, settings=s, limit=a.limit, sample=a.sample,
+                         repeats=a.repeats, cache=not a.no_cache, details=True)
     print(summary_text(df))
+    if a.output:
+        from promptsys.evaluation import example_rows, write_table
+        print(f"# per-example results: {write_table(example_rows(evals), a.output)}")
     print(f"# MLflow: {tracking_uri(s)}  experiment {experiment_name(a.task, s)}  (promptsys ui)")
     return 1 if "error_rate" in df and (df["error_rate"] > 0).any() else 0
 
@@ -381,11 +385,16 @@ COMMANDS["history"] = ("print the task's promotion audit trail",
 def configure_diff(p):
     p.add_argument("task"); p.add_argument("a", type=int, help="baseline version")
     p.add_argument("b", type=int, help="candidate version"); p.add_argument("--max-flips", type=int, default=50)
+    p.add_argument("--output", metavar="FILE", help="also write every flipped example (.csv, .jsonl, .parquet)")
 
 def cmd_diff(a) -> int:
     "Impact of replacing version a by b on the latest eval runs."
     from promptsys.promotion import impact
-    print(impact(a.task, a.b, a.a, settings=settings_from_args(a), log_to_run=False).to_text(a.max_flips))
+    imp = impact(a.task, a.b, a.a, settings=settings_from_args(a), log_to_run=False)
+    print(imp.to_text(a.max_flips))
+    if a.output:
+        from promptsys.evaluation import write_table
+        print(f"# flipped examples: {write_table(imp.flips, a.output)}")
     return 0
 
 COMMANDS["diff"] = ("impact of replacing version a by b: flipped examples, per label, cost and latency",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv, hashlib, json, logging, os, random, re, socket, time
 from dataclasses import dataclass, field
 from pathlib import Path
-from .errors import DatasetError, TrackingError, PromptsysError, OutputValidationError
+from .errors import DatasetError, TrackingError, PromptsysError, OutputValidationError, ConfigError
 from .config import Settings, get_settings, load_settings
 from .prompts import Task, PromptVersion, OutputSchema, load_task
 from .validation import validate_output
@@ -18,10 +18,10 @@ from .metrics import percentile
 log = logging.getLogger("promptsys.evaluation")
 
 # %% auto #0
-__all__ = ['log', 'INVALID', 'SUMMARY_COLUMNS', 'Example', 'Dataset', 'load_dataset', 'check_task', 'confusion_matrix',
-           'label_report', 'score', 'answer', 'token_f1', 'judge_answer', 'mark_stale_runs', 'confusion_figure',
-           'compare_figure', 'VersionEval', 'summary_frame', 'evaluate', 'run_summary', 'compare', 'run_examples',
-           'summary_text']
+__all__ = ['log', 'INVALID', 'SUMMARY_COLUMNS', 'TABLE_FORMATS', 'Example', 'Dataset', 'load_dataset', 'check_task',
+           'confusion_matrix', 'label_report', 'score', 'answer', 'token_f1', 'judge_answer', 'mark_stale_runs',
+           'confusion_figure', 'compare_figure', 'VersionEval', 'summary_frame', 'evaluate', 'run_summary', 'compare',
+           'run_examples', 'summary_text', 'example_rows', 'write_table']
 
 # %% ../nbs/16_evaluation.ipynb #c007
 @dataclass
@@ -614,3 +614,26 @@ def summary_text(summary) -> str:
     import pandas as pd
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         return summary.drop(columns=["hash"]).round(4).to_string()
+
+# %% ../nbs/16_evaluation.ipynb #c075_2
+TABLE_FORMATS = (".csv", ".jsonl", ".parquet")
+
+def example_rows(evals:dict) -> list[dict]:
+    "Every per-example row of an eval's `{version: VersionEval}` (from `evaluate(..., details=True)`), versioned."
+    return [{"version": n, "name": ev.version.name, **r} for n, ev in evals.items() for r in ev.rows]
+
+def write_table(rows:list[dict], path:str|Path) -> Path:
+    "Write `rows` to `path` as .csv, .jsonl or .parquet (by its suffix); the path."
+    p = Path(path)
+    if p.suffix not in TABLE_FORMATS:
+        raise ConfigError(f"--output {p.name}: use a {', '.join(TABLE_FORMATS)} file")
+    import pandas as pd
+    df = pd.DataFrame(rows)
+    for c in df.columns:                   # lists and dicts as JSON text: every format takes them
+        if df[c].map(lambda v: isinstance(v, (list, dict))).any():
+            df[c] = df[c].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.suffix == ".csv": df.to_csv(p, index=False)
+    elif p.suffix == ".jsonl": df.to_json(p, orient="records", lines=True, force_ascii=False)
+    else: df.to_parquet(p, index=False)
+    return p

@@ -425,17 +425,19 @@ def _inputs(self:Pipeline, call:_Call, value, variables:dict):
 @patch
 def _render(self:Pipeline, call:_Call) -> str:
     "The call's messages and prompt text; a candidate that cannot render them leaves the call to production."
-    try: call.messages = call.b.prompt.render_messages(**call.variables)
+    try: text, call.messages = _rendered(call.b.prompt, call.variables)
     except PromptsysError as e:
         if call.b.role != "canary": raise
         self._emit(self._failure(call, e))
         call.b = replace(call.routes.primary, role="retry")
-        call.messages = call.b.prompt.render_messages(**call.variables)
-    return _text(call.b.prompt, call.messages)
+        text, call.messages = _rendered(call.b.prompt, call.variables)
+    return text
 
-def _text(pv:PromptVersion, messages:list) -> str:
-    "The prompt as one string (the cache key's): the text of a plain prompt, a chat prompt's messages as JSON."
-    return json.dumps(messages, ensure_ascii=False) if pv.is_chat else messages[0]["content"]
+def _rendered(pv:PromptVersion, variables:dict) -> tuple[str, list|None]:
+    "(the prompt as one string for the cache key, the chat messages); a plain prompt's request is one user message."
+    if not pv.is_chat: return pv.render(**variables), None
+    msgs = pv.render_messages(**variables)
+    return json.dumps(msgs, ensure_ascii=False), msgs
 
 # %% ../nbs/15_pipeline.ipynb #c051
 @patch
@@ -577,8 +579,8 @@ def _walk(self:Pipeline, call:_Call):
 def _on_production(self:Pipeline, call:_Call) -> _Call:
     "The call again on production's version, after the candidate failed it (the clock keeps running)."
     b = replace(call.routes.primary, role="retry")
-    msgs = b.prompt.render_messages(**call.variables)
-    c = _Call(call.request_id, call.t0, call.text, _text(b.prompt, msgs), b=b, routes=call.routes,
+    text, msgs = _rendered(b.prompt, call.variables)
+    c = _Call(call.request_id, call.t0, call.text, text, b=b, routes=call.routes,
               variables=call.variables, input_hash=call.input_hash, messages=msgs)
     if self.cache is not None: c.key = self._key(c.prompt, b.key_prefix)
     return c
@@ -590,9 +592,8 @@ def _shadow_job(self:Pipeline, call:_Call):
     def job():
         sc = _Call(call.request_id, time.perf_counter(), call.text, b=r.shadow, routes=r, variables=call.variables,
                    input_hash=call.input_hash)
-        try: sc.messages = r.shadow.prompt.render_messages(**call.variables)
+        try: sc.prompt, sc.messages = _rendered(r.shadow.prompt, call.variables)
         except PromptsysError as e: self._emit(self._failure(sc, e)); return
-        sc.prompt = _text(r.shadow.prompt, sc.messages)
         if self.cache is not None: sc.key = self._key(sc.prompt, r.shadow.key_prefix)
         self._complete(sc, True)
     return job

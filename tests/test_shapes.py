@@ -314,8 +314,11 @@ def test_a_new_user_adds_a_two_input_json_task(kinds, tmp_path):
     assert "v3_bad.txt:1: does not use the required input 'body'" in out.stdout
     (d / "v3_bad.txt").unlink()
     assert cli("check", "tickets").returncode == 0
-    out = cli("eval", "tickets")
+    out = cli("eval", "tickets", "--output", str(tmp_path / "examples.jsonl"))
     assert out.returncode == 0, out.stderr
+    ex = [json.loads(l) for l in (tmp_path / "examples.jsonl").read_text().splitlines()]
+    assert len(ex) == 16 and {e["version"] for e in ex} == {1, 2}            # every example of both versions
+    assert sum(e["correct"] for e in ex if e["version"] == 1) == 8 and "fields" in ex[0]
     out = cli("promote", "tickets")
     assert out.returncode == 0 and "promoted v1" in out.stdout, out.stdout + out.stderr
     assert "| v1" in (d / "README.md").read_text()
