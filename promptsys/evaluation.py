@@ -19,9 +19,9 @@ log = logging.getLogger("promptsys.evaluation")
 
 # %% auto #0
 __all__ = ['log', 'INVALID', 'SUMMARY_COLUMNS', 'TABLE_FORMATS', 'Example', 'Dataset', 'load_dataset', 'check_task',
-           'confusion_matrix', 'label_report', 'score', 'answer', 'token_f1', 'judge_answer', 'mark_stale_runs',
-           'confusion_figure', 'compare_figure', 'VersionEval', 'summary_frame', 'evaluate', 'run_summary', 'compare',
-           'run_examples', 'summary_text', 'example_rows', 'write_table']
+           'confusion_matrix', 'label_report', 'score', 'answer', 'token_f1', 'rouge_l', 'judge_answer',
+           'mark_stale_runs', 'confusion_figure', 'compare_figure', 'VersionEval', 'summary_frame', 'evaluate',
+           'run_summary', 'compare', 'run_examples', 'summary_text', 'example_rows', 'write_table']
 
 # %% ../nbs/16_evaluation.ipynb #c007
 @dataclass
@@ -224,7 +224,8 @@ def score(rows:list[dict], # Per-example rows (see above)
         per = [json.loads(r["fields"]) for r in rows]
         for k in dict.fromkeys(k for d in per for k in d):
             m[f"field_accuracy_{_metric_name(k)}"] = sum(d.get(k, False) for d in per) / n
-    if all("token_f1" in r for r in rows): m["token_f1"] = sum(r["token_f1"] for r in rows) / n
+    for k in ("token_f1", "rouge_l"):
+        if all(k in r for r in rows): m[k] = sum(r[k] for r in rows) / n
     m["cost_per_call_usd"] = m["cost_total_usd"] / n
     if fresh: m["latency_p50_ms"], m["latency_p95_ms"] = percentile(fresh, 50), percentile(fresh, 95)
     rep = [r for r in rows if len(r.get("answers") or []) > 1]
@@ -316,6 +317,14 @@ def token_f1(answer:str, reference:str) -> float:
     p, r = same / sum(a.values()), same / sum(b.values())
     return 2 * p * r / (p + r)
 
+def rouge_l(answer:str, reference:str) -> float:
+    "ROUGE-L F1: the longest common subsequence of the words (rapidfuzz's LCS) as precision and recall."
+    from rapidfuzz.distance import LCSseq
+    a, b = _words(answer or ""), _words(reference or "")
+    if not a or not b: return float(a == b)
+    lcs = LCSseq.similarity(a, b)
+    return 0.0 if not lcs else 2 * (lcs / len(a)) * (lcs / len(b)) / (lcs / len(a) + lcs / len(b))
+
 def judge_answer(schema, expected, output) -> tuple:
     "(predicted, correct, extra row fields) of one answer (`output` None: no valid answer)."
     if schema.schema and isinstance(expected, dict):
@@ -325,7 +334,8 @@ def judge_answer(schema, expected, output) -> tuple:
     if schema.kind == "text":
         pred = None if output is None else output.get(schema.field)
         same = pred is not None and _words(pred) == _words(expected)
-        return pred, same, dict(token_f1=token_f1(pred or "", expected) if pred is not None else 0.0)
+        f1, rl = (token_f1(pred, expected), rouge_l(pred, expected)) if pred is not None else (0.0, 0.0)
+        return pred, same, dict(token_f1=f1, rouge_l=rl)
     pred = None if output is None else next(iter(output.values()), None)
     return pred, pred is not None and str(pred) == expected, {}
 

@@ -278,7 +278,9 @@ def test_a_text_task(kinds, tmp_path):
     assert Pipeline("summary", 1, settings=s).run("Echo: Fine.").output == {"text": "Fine."}
     m = pe.evaluate("summary", settings=s, progress=False).loc[1]
     assert m.accuracy == pytest.approx(1 / 3) and m.format_validity == pytest.approx(2 / 3)
-    f1 = registry.mlflow_client(s).get_run(m.run_id).data.metrics["token_f1"]
+    got = registry.mlflow_client(s).get_run(m.run_id).data.metrics
+    f1 = got["token_f1"]
+    assert got["rouge_l"] == pytest.approx((1.0 + pe.rouge_l("A fast kettle.", "The kettle is loud but fast.")) / 3)
     assert f1 == pytest.approx((1.0 + _f1("A fast kettle.", "The kettle is loud but fast.") + 0.0) / 3)
 
 
@@ -322,3 +324,30 @@ def test_a_new_user_adds_a_two_input_json_task(kinds, tmp_path):
     out = cli("promote", "tickets")
     assert out.returncode == 0 and "promoted v1" in out.stdout, out.stdout + out.stderr
     assert "| v1" in (d / "README.md").read_text()
+
+
+from tests.test_foundation import llama_server  # noqa: E402,F401  (the llama_cpp.server process fixture)
+
+
+def test_the_shipped_classification_task_through_llama_cpp_server(tmp_path, llama_server):
+    """The shipped JSON-Schema chat task through llama.cpp's own server: the schema goes as response_format, the
+    answers fit it, and their labels are the embedded model's (same GGUF, chat template and schema grammar)."""
+    base = {"promptsys.state_dir": str(tmp_path / "state"), "promptsys.records": "none", "cache.enabled": "false",
+            "mlflow.tracking_uri": f"sqlite:///{tmp_path}/m.db", "retry.max_attempts": "1"}
+    t = load_task("classification", ROOT / "prompts")
+    rows = [json.loads(l) for l in open(t.dataset, encoding="utf-8")][:3]
+    inputs = [{k: r[k] for k in ("subject", "body", "tier") if k in r} for r in rows]
+    remote = load_settings(ROOT / "settings.ini", overrides={**base, "model.provider": "openai",
+                           "openai.base_url": llama_server, "openai.api_key_env": "", "openai.model": "smollm2",
+                           "openai.constrain": "grammar"}, env={})
+    local = load_settings(ROOT / "settings.ini", overrides={**base, "model.provider": "local",
+                                                            "local.decoding": "grammar"}, env={})
+    got = [Pipeline(t, 2, settings=remote).run(x) for x in inputs]
+    want = [Pipeline(t, 2, settings=local).run(x) for x in inputs]
+    assert all(r.ok for r in got), [r.error for r in got]
+    from promptsys.validation import validate_output
+    assert all(validate_output(r.output, t.output) == r.output for r in got)       # schema-valid, every field
+    # the labels are the embedded model's; the confidence's last digits are not (the server's default sampler
+    # settings, such as its repeat penalty, differ from the embedded provider's)
+    assert [(r.output["category"], r.output["priority"]) for r in got] == \
+           [(r.output["category"], r.output["priority"]) for r in want]
