@@ -125,13 +125,9 @@ COMMANDS["doctor"] = ("check the embedded model's build on this CPU (a real forw
                       configure_doctor, cmd_doctor)
 
 # %% ../nbs/21_cli.ipynb #c023
-def _answer(r):
-    "A result's output, unless it failed or is the task's canned fallback."
-    return r.output if r.ok and not (r.fallback and r.provider == "task") else None
-
 def accuracy_table(task:str, settings:Settings, versions=None, limit:int|None=None, progress=True) -> list[dict]:
     "Accuracy, latency and tokens of each version on the task's dataset, with no MLflow or pandas."
-    from promptsys.evaluation import load_dataset, judge_answer
+    from promptsys.evaluation import load_dataset, judge_answer, answer_output
     from promptsys.metrics import percentile
     from promptsys.pipeline import Pipeline
     from promptsys.prompts import load_task
@@ -146,7 +142,7 @@ def accuracy_table(task:str, settings:Settings, versions=None, limit:int|None=No
         wall = time.perf_counter() - t0
         ok = [r for r in rs if r.ok]
         out.append(dict(version=f"v{n}", name=p.prompt.name, hash=p.prompt.hash,
-                        accuracy=round(sum(judge_answer(t.output, e.expected, _answer(r))[1]
+                        accuracy=round(sum(judge_answer(t.output, e.expected, answer_output(r))[1]
                                            for r, e in zip(rs, examples)) / len(examples), 4),
                         n=len(examples), errors=len(rs) - len(ok),
                         p50_ms=round(percentile([r.latency_ms for r in ok], 50) or 0.0, 1),

@@ -19,9 +19,9 @@ log = logging.getLogger("promptsys.evaluation")
 
 # %% auto #0
 __all__ = ['log', 'INVALID', 'SUMMARY_COLUMNS', 'TABLE_FORMATS', 'Example', 'Dataset', 'load_dataset', 'check_task',
-           'confusion_matrix', 'label_report', 'score', 'answer', 'token_f1', 'rouge_l', 'judge_answer',
-           'mark_stale_runs', 'confusion_figure', 'compare_figure', 'VersionEval', 'summary_frame', 'evaluate',
-           'run_summary', 'compare', 'run_examples', 'summary_text', 'example_rows', 'write_table']
+           'confusion_matrix', 'label_report', 'score', 'answer_output', 'answer', 'token_f1', 'rouge_l',
+           'judge_answer', 'mark_stale_runs', 'confusion_figure', 'compare_figure', 'VersionEval', 'summary_frame',
+           'evaluate', 'run_summary', 'compare', 'run_examples', 'summary_text', 'example_rows', 'write_table']
 
 # %% ../nbs/16_evaluation.ipynb #c007
 @dataclass
@@ -261,19 +261,21 @@ def _run_many(pipe, inputs:list, concurrency:int, progress:bool, cache:bool, des
     return out
 
 # %% ../nbs/16_evaluation.ipynb #c030
-def _label(r) -> str|None:
-    "A result's answer: a fallback *model*'s answer counts, the task's canned fallback answer (service mode) does not."
-    return r.label if r.ok and not (r.fallback and r.provider == "task") else None
+def answer_output(r) -> dict|None:
+    "A result's output as an answer: a fallback *model*'s counts, the task's canned fallback (service mode) does not."
+    return r.output if r.ok and not (r.fallback and r.provider == "task") else None
+
+def _label(r) -> str|None: return r.label if answer_output(r) is not None else None
 
 def _example_row(pipe, e:Example, r, var:str) -> dict:
     "One example's row from its `Result`."
-    canned = r.fallback and r.provider == "task"
+    out = answer_output(r)
     cost = r.cost_usd if not r.cache_hit else pipe.prices.cost(r.model, r.provider, r.tokens_in, r.tokens_out)
     text = e.inputs.get(var, "") if len(pipe.task.inputs) == 1 else json.dumps(e.inputs, ensure_ascii=False)
-    pred, correct, extra = judge_answer(pipe.task.output, e.expected, r.output if r.ok and not canned else None)
+    pred, correct, extra = judge_answer(pipe.task.output, e.expected, out)
     return dict(id=e.id, line=e.line, input=text, expected=e.expected if isinstance(e.expected, str) else
                 json.dumps(e.expected, sort_keys=True), predicted=pred, correct=correct,
-                valid=r.output is not None and not canned, **extra,
+                valid=out is not None, **extra,
                 error=(r.error or {}).get("type"), latency_ms=round(r.latency_ms, 3), tokens_in=r.tokens_in,
                 tokens_out=r.tokens_out, cost_usd=cost, cache_hit=r.cache_hit, retries=r.retries, fallback=r.fallback)
 

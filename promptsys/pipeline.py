@@ -576,25 +576,28 @@ def _walk(self:Pipeline, call:_Call):
 
 # %% ../nbs/15_pipeline.ipynb #c092_2
 @patch
-def _on_production(self:Pipeline, call:_Call) -> _Call:
-    "The call again on production's version, after the candidate failed it (the clock keeps running)."
-    b = replace(call.routes.primary, role="retry")
-    text, msgs = _rendered(b.prompt, call.variables)
-    c = _Call(call.request_id, call.t0, call.text, text, b=b, routes=call.routes,
-              variables=call.variables, input_hash=call.input_hash, messages=msgs)
+def _again(self:Pipeline, call:_Call, b:Bound, t0:float) -> _Call:
+    "`call`'s validated input as a new call on `b`, started at `t0` (rendered, its cache key made)."
+    c = _Call(call.request_id, t0, call.text, b=b, routes=call.routes, variables=call.variables,
+              input_hash=call.input_hash)
+    c.prompt, c.messages = _rendered(b.prompt, call.variables)
     if self.cache is not None: c.key = self._key(c.prompt, b.key_prefix)
     return c
+
+@patch
+def _on_production(self:Pipeline, call:_Call) -> _Call:
+    "The call again on production's version, after the candidate failed it (the clock keeps running)."
+    return self._again(call, replace(call.routes.primary, role="retry"), call.t0)
 
 @patch
 def _shadow_job(self:Pipeline, call:_Call):
     "A callable that runs `call`'s input on the shadow version and records the answer (role 'shadow')."
     r = call.routes
     def job():
-        sc = _Call(call.request_id, time.perf_counter(), call.text, b=r.shadow, routes=r, variables=call.variables,
-                   input_hash=call.input_hash)
-        try: sc.prompt, sc.messages = _rendered(r.shadow.prompt, call.variables)
-        except PromptsysError as e: self._emit(self._failure(sc, e)); return
-        if self.cache is not None: sc.key = self._key(sc.prompt, r.shadow.key_prefix)
+        try: sc = self._again(call, r.shadow, time.perf_counter())
+        except PromptsysError as e:      # the candidate's template cannot take these inputs: a shadow failure
+            sc = _Call(call.request_id, time.perf_counter(), call.text, b=r.shadow, input_hash=call.input_hash)
+            self._emit(self._failure(sc, e)); return
         self._complete(sc, True)
     return job
 

@@ -196,13 +196,20 @@ def read_aliases(task:Task) -> dict:
     try: return json.loads(p.read_text(encoding="utf-8")).get("aliases", {}) if p.is_file() else {}
     except (ValueError, OSError) as e: log.warning("cannot read %s: %s", p, e); return {}
 
-def write_aliases(task:Task, aliases:dict):
+_KEEP = object()
+
+def write_aliases(task:Task, aliases:dict,
+                  rollout=_KEEP): # The rollout state to mirror (default: keep the file's; None: none)
     "Write aliases.json atomically (only when it changes)."
     p = aliases_path(task)
-    if read_aliases(task) == aliases and p.is_file(): return
-    tmp = p.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"task": task.name, "note": "last known MLflow alias resolution (written by promptsys)",
-                               "aliases": aliases}, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    try: old = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+    except (ValueError, OSError): old = {}
+    ro = old.get("rollout") if rollout is _KEEP else (rollout or None)
+    if p.is_file() and old.get("aliases") == aliases and old.get("rollout") == ro: return
+    body = {"task": task.name, "note": "last known MLflow alias resolution (written by promptsys)", "aliases": aliases}
+    if ro: body["rollout"] = ro
+    tmp = p.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
+    tmp.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, p)
 
 # %% ../nbs/13_registry.ipynb #c054
@@ -214,15 +221,22 @@ def sync_aliases(client, task:Task, settings:Settings,
                  moved:dict|None=None # {alias: timestamp} for the aliases that just moved
                 ) -> dict:
     "Refresh aliases.json from the registry; the aliases written."
-    old, new = read_aliases(task), {}
-    for a in ALIASES:
-        rv = current_alias(client, task, a, settings)
-        if rv is None: continue
+    new = _alias_entries(_registry_aliases(client, task, settings), read_aliases(task), moved)
+    write_aliases(task, new)
+    return new
+
+def _registry_aliases(client, task:Task, settings:Settings) -> dict:
+    "{alias: registry version} of every alias that is set."
+    return {a: rv for a in ALIASES if (rv := current_alias(client, task, a, settings)) is not None}
+
+def _alias_entries(rvs:dict, old:dict, moved:dict|None=None) -> dict:
+    "aliases.json's entries for `rvs`: an alias keeps its `since` while its version (hash) stays."
+    new = {}
+    for a, rv in rvs.items():
         e = _alias_entry(rv)
         same = old.get(a, {}).get("hash") == e["hash"]
         e["since"] = (moved or {}).get(a) or (old.get(a, {}).get("since") if same else None) or utc_now()
         new[a] = e
-    write_aliases(task, new)
     return new
 
 # %% ../nbs/13_registry.ipynb #c059
@@ -308,15 +322,6 @@ def read_rollout_file(task:Task) -> dict|None:
     try: return json.loads(p.read_text(encoding="utf-8")).get("rollout") if p.is_file() else None
     except (ValueError, OSError): return None
 
-def _write_live_file(task:Task, aliases:dict, rollout:dict|None):
-    if read_aliases(task) == aliases and read_rollout_file(task) == rollout and aliases_path(task).is_file(): return
-    p = aliases_path(task)
-    tmp = p.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
-    body = {"task": task.name, "note": "last known MLflow alias resolution (written by promptsys)", "aliases": aliases}
-    if rollout: body["rollout"] = rollout
-    tmp.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, p)
-
 # %% ../nbs/13_registry.ipynb #c068_6
 def read_rollout(client, task:Task, settings:Settings) -> dict|None:
     "The rollout state on the task's registry prompt (None when no rollout is on)."
@@ -329,7 +334,7 @@ def set_rollout(client, task:Task, settings:Settings, state:dict|None):
     name = prompt_name(task.name, settings)
     if state: client.set_prompt_tag(name, ROLLOUT_TAG, json.dumps(state, sort_keys=True))
     elif read_rollout(client, task, settings) is not None: client.delete_prompt_tag(name, ROLLOUT_TAG)
-    try: _write_live_file(task, read_aliases(task), state or None)
+    try: write_aliases(task, read_aliases(task), state or None)
     except OSError as e: log.debug("cannot write aliases.json: %s", e)
 
 # %% ../nbs/13_registry.ipynb #c068_8
@@ -338,15 +343,11 @@ def _live_mlflow(task:Task, s:Settings) -> Live:
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise TrackingError(f"tracking store {uri} does not exist")
     client = mlflow_client(s)
-    old, entries, versions = read_aliases(task), {}, {}
-    for a in ALIASES:
-        rv = current_alias(client, task, a, s)
-        if rv is None: continue
-        versions[a] = _local_version(task, int(rv.tags.get("version", 0)), rv.tags.get("hash", ""), rv.template)
-        same = old.get(a, {}).get("hash") == rv.tags.get("hash")
-        entries[a] = _alias_entry(rv, (old.get(a, {}).get("since") if same else None) or utc_now())
-    rollout = read_rollout(client, task, s) if versions else None
-    try: _write_live_file(task, entries, rollout)
+    rvs = _registry_aliases(client, task, s)
+    versions = {a: _local_version(task, int(rv.tags.get("version", 0)), rv.tags.get("hash", ""), rv.template)
+                for a, rv in rvs.items()}
+    rollout = read_rollout(client, task, s) if rvs else None
+    try: write_aliases(task, _alias_entries(rvs, read_aliases(task)), rollout)
     except OSError as e: log.debug("cannot write aliases.json: %s", e)
     return Live(versions, rollout, "mlflow", time.time())
 
