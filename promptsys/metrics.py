@@ -111,6 +111,7 @@ class MetricsStore:
         self._wake, self._lock, self._start_lock = threading.Event(), threading.Lock(), threading.Lock()
         self._thread: threading.Thread|None = None
         self._con: sqlite3.Connection|None = None
+        self._inflight = 0              # records taken off the queue by a drain that has not committed them yet
     def __call__(self, rec:dict):
         "Enqueue one per-call record (microseconds; the write happens on the writer thread)."
         q = self._q
@@ -119,8 +120,8 @@ class MetricsStore:
         elif len(q) >= self.batch_size: self._wake.set()
     @property
     def pending(self) -> int:
-        "Records queued but not yet written."
-        return len(self._q)
+        "Records queued or being written, not yet committed."
+        return len(self._q) + self._inflight
     def __repr__(self): return f"MetricsStore({str(self.path)!r}, written={self.written}, pending={self.pending})"
 
 # %% ../nbs/14_metrics.ipynb #c023
@@ -160,6 +161,7 @@ def _drain(self:MetricsStore) -> int:
             try:
                 while len(batch) < self.batch_size: batch.append(q.popleft())
             except IndexError: pass
+            self._inflight = len(batch)
             try:
                 if self._con is None: self._con = connect(self.path)
                 try: self._write([tuple(map(r.get, COLUMNS)) for r in batch])      # fast path: plain values
@@ -169,6 +171,7 @@ def _drain(self:MetricsStore) -> int:
                                  for r in batch])
             except BaseException:
                 q.extendleft(reversed(batch)); raise
+            finally: self._inflight = 0
             n += len(batch)
             for fn in self.listeners:
                 try: fn(batch)
@@ -252,9 +255,9 @@ def db_path(settings:Settings|str|Path|None=None) -> Path:
 # %% ../nbs/14_metrics.ipynb #c053
 def flush_pending(db:str|Path # A metrics database file
                  ) -> int:
-    "Write this process's queued records for `db` now, so a query sees them; returns how many were written."
+    "Write this process's queued records for `db` now, so a query sees them; returns how many this call wrote."
     st = _stores.get(str(Path(db).resolve()))
-    return st.flush() if st is not None and st.pending else 0
+    return st.flush() if st is not None else 0     # flush waits for a batch the writer is committing
 
 # %% ../nbs/14_metrics.ipynb #c056
 def _task_labels(task:str, s:Settings) -> list:
