@@ -295,6 +295,7 @@ def configure_eval(p):
     p.add_argument("--repeats", type=int, help="answers per example (consistency)")
     p.add_argument("--provider"); p.add_argument("--model")
     p.add_argument("--no-cache", action="store_true", help="bypass the response cache")
+    p.add_argument("--no-judge", action="store_true", help="skip the task's [scoring.judge] (an LLM judge)")
     p.add_argument("--output", metavar="FILE", help="also write every per-example result (.csv, .jsonl, .parquet)")
 
 def cmd_eval(a) -> int:
@@ -303,7 +304,7 @@ def cmd_eval(a) -> int:
     from promptsys.registry import parse_versions, tracking_uri, experiment_name
     s = settings_from_args(a)
     df, evals = evaluate(a.task, parse_versions(a.versions), a.dataset, settings=s, limit=a.limit, sample=a.sample,
-                         repeats=a.repeats, cache=not a.no_cache, details=True)
+                         repeats=a.repeats, cache=not a.no_cache, judge=False if a.no_judge else None, details=True)
     print(summary_text(df))
     if a.output:
         from promptsys.evaluation import example_rows, write_table
@@ -320,7 +321,7 @@ def configure_promote(p):
     p.add_argument("--dry-run", action="store_true", help="decide and report, move nothing")
     p.add_argument("--reason", help="why (recorded in the audit trail)")
     p.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded)")
-    p.add_argument("--metric", default="accuracy"); p.add_argument("--min-gain", type=float)
+    p.add_argument("--metric", help="default: the task's [scoring] primary"); p.add_argument("--min-gain", type=float)
 
 def cmd_promote(a) -> int:
     "Promote through the gate; 0 when it moved (or would, in a dry run) or nothing was to do, else 1."

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from .errors import DatasetError, TrackingError, PromptsysError, OutputValidationError, ConfigError
 from .config import Settings, get_settings, load_settings
-from .prompts import Task, PromptVersion, OutputSchema, load_task
+from .prompts import Task, PromptVersion, OutputSchema, Scoring, load_task
 from .validation import validate_output
 from .registry import (tracking_uri, experiment_name, prompt_name, check_tracking, mlflow_client,
                                 ensure_experiment, register_version, latest_runs)
@@ -18,10 +18,11 @@ from .metrics import percentile
 log = logging.getLogger("promptsys.evaluation")
 
 # %% auto #0
-__all__ = ['log', 'INVALID', 'SUMMARY_COLUMNS', 'TABLE_FORMATS', 'Example', 'Dataset', 'load_dataset', 'check_task',
-           'confusion_matrix', 'label_report', 'score', 'answer_output', 'answer', 'token_f1', 'rouge_l',
-           'judge_answer', 'mark_stale_runs', 'confusion_figure', 'compare_figure', 'VersionEval', 'summary_frame',
-           'evaluate', 'run_summary', 'compare', 'run_examples', 'summary_text', 'example_rows', 'write_table']
+__all__ = ['log', 'SCORER_COLUMNS', 'INVALID', 'SUMMARY_COLUMNS', 'TABLE_FORMATS', 'Example', 'Dataset', 'load_dataset',
+           'check_task', 'confusion_matrix', 'label_report', 'score', 'answer_output', 'answer', 'token_f1', 'rouge_l',
+           'field_score', 'contains_score', 'judge_answer', 'mark_stale_runs', 'confusion_figure', 'compare_figure',
+           'VersionEval', 'summary_frame', 'judge_pipeline', 'judge_rows', 'evaluate', 'run_summary', 'compare',
+           'run_examples', 'example_score', 'summary_text', 'example_rows', 'write_table']
 
 # %% ../nbs/16_evaluation.ipynb #c007
 @dataclass
@@ -31,6 +32,7 @@ class Example:
     inputs: dict
     expected: str|None
     line: int
+    extra: dict = field(default_factory=dict)   # scorer columns of the row: `contains`, `regex`
 
 @dataclass
 class Dataset:
@@ -41,7 +43,7 @@ class Dataset:
     def __len__(self): return len(self.examples)
     @property
     def hash(self) -> str:
-        rows = [[e.id, e.inputs, e.expected] for e in self.examples]
+        rows = [[e.id, e.inputs, e.expected, *([e.extra] if e.extra else [])] for e in self.examples]
         return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
     def head(self, n:int|None) -> Dataset:
         "The first `n` examples (all when `n` is None)."
@@ -86,6 +88,8 @@ def _expected_problem(exp:dict, schema:dict) -> str|None:
         if err := next(iter(Draft202012Validator(props[k]).iter_errors(v)), None): return f"{k}: {err.message}"
     return None
 
+SCORER_COLUMNS = ("contains", "regex")   # row columns the text scorers read (`contains` phrases, a `regex`)
+
 def _row_problem(row:dict, task:Task, rid:str, seen:set) -> str|None:
     "What is wrong with one parsed row (None: nothing)."
     fld, labels = task.output.field, task.output.labels
@@ -103,6 +107,9 @@ def _row_problem(row:dict, task:Task, rid:str, seen:set) -> str|None:
         if not isinstance(exp, dict): return "a json task's row needs 'expected': the expected object"
         if bad := _expected_problem(exp, task.output.json_schema):
             return f"'expected' does not fit the task's schema: {bad}"
+    c = row.get("contains")
+    if c is not None and not (isinstance(c, list) and all(isinstance(x, str) for x in c)):
+        return "'contains' must be a list of phrases"
     if rid in seen: return f"duplicate id {rid!r}"
     return None
 
@@ -128,7 +135,7 @@ def load_dataset(path:str|Path, # A .jsonl (or .json lines) or .csv file
         seen.add(rid)
         exp = _expected(row, task)
         examples.append(Example(rid, {k: row[k] for k in row if k in names}, exp if isinstance(exp, dict) else str(exp),
-                                line))
+                                line, {k: row[k] for k in SCORER_COLUMNS if k in row}))
     if skipped: log.warning("%s: skipped %d bad row(s): %s", path.name, len(skipped),
                             "; ".join(f"line {l}: {p}" for l, p in skipped[:5]))
     if not examples:
@@ -224,8 +231,11 @@ def score(rows:list[dict], # Per-example rows (see above)
         per = [json.loads(r["fields"]) for r in rows]
         for k in dict.fromkeys(k for d in per for k in d):
             m[f"field_accuracy_{_metric_name(k)}"] = sum(d.get(k, False) for d in per) / n
-    for k in ("token_f1", "rouge_l"):
-        if all(k in r for r in rows): m[k] = sum(r[k] for r in rows) / n
+    for k in ("field_mean", "token_f1", "rouge_l", "contains", "regex", "judge"):
+        if all(k in r for r in rows):
+            vs = [r[k] for r in rows if r[k] is not None]
+            if vs: m[k] = sum(vs) / len(vs)
+            if k == "judge": m["judge_errors"] = n - len(vs)
     m["cost_per_call_usd"] = m["cost_total_usd"] / n
     if fresh: m["latency_p50_ms"], m["latency_p95_ms"] = percentile(fresh, 50), percentile(fresh, 95)
     rep = [r for r in rows if len(r.get("answers") or []) > 1]
@@ -272,7 +282,7 @@ def _example_row(pipe, e:Example, r, var:str) -> dict:
     out = answer_output(r)
     cost = r.cost_usd if not r.cache_hit else pipe.prices.cost(r.model, r.provider, r.tokens_in, r.tokens_out)
     text = e.inputs.get(var, "") if len(pipe.task.inputs) == 1 else json.dumps(e.inputs, ensure_ascii=False)
-    pred, correct, extra = judge_answer(pipe.task.output, e.expected, out)
+    pred, correct, extra = judge_answer(pipe.task.output, e.expected, out, pipe.task.scoring, e.extra)
     return dict(id=e.id, line=e.line, input=text, expected=e.expected if isinstance(e.expected, str) else
                 json.dumps(e.expected, sort_keys=True), predicted=pred, correct=correct,
                 valid=out is not None, **extra,
@@ -310,36 +320,62 @@ def _norm(x):
 
 def _words(s:str) -> list[str]: return re.findall(r"\w+", s.casefold())
 
+def _f1(same:int, n_answer:int, n_reference:int) -> float:
+    if not same: return float(not n_answer and not n_reference)
+    p, r = same / n_answer, same / n_reference
+    return 2 * p * r / (p + r)
+
 def token_f1(answer:str, reference:str) -> float:
     "Token-overlap F1 of an answer against a reference (bag of lower-cased words)."
     from collections import Counter
     a, b = Counter(_words(answer or "")), Counter(_words(reference or ""))
-    same = sum((a & b).values())
-    if not same: return float(not a and not b)
-    p, r = same / sum(a.values()), same / sum(b.values())
-    return 2 * p * r / (p + r)
+    return _f1(sum((a & b).values()), sum(a.values()), sum(b.values()))
 
 def rouge_l(answer:str, reference:str) -> float:
     "ROUGE-L F1: the longest common subsequence of the words (rapidfuzz's LCS) as precision and recall."
     from rapidfuzz.distance import LCSseq
     a, b = _words(answer or ""), _words(reference or "")
     if not a or not b: return float(a == b)
-    lcs = LCSseq.similarity(a, b)
-    return 0.0 if not lcs else 2 * (lcs / len(a)) * (lcs / len(b)) / (lcs / len(a) + lcs / len(b))
+    return _f1(LCSseq.similarity(a, b), len(a), len(b))
 
-def judge_answer(schema, expected, output) -> tuple:
+def field_score(got, want, match:str="exact", tolerance:float=0.0) -> float:
+    "One json field's score: 1 or 0 (`exact`, `number` within `tolerance`), or the F1 of a list's items (`set`)."
+    if match == "number" and isinstance(got, (int, float)) and isinstance(want, (int, float)):
+        return float(abs(got - want) <= tolerance + 1e-9)
+    if match == "set" and isinstance(got, list) and isinstance(want, list):
+        from collections import Counter
+        a, b = (Counter(json.dumps(_norm(v), sort_keys=True) for v in x) for x in (got, want))
+        return _f1(sum((a & b).values()), len(got), len(want))
+    return float(_norm(got) == _norm(want))
+
+def contains_score(answer:str, phrases:list) -> float:
+    "The share of `phrases` found in `answer` (case and spacing aside)."
+    a = " ".join(_words(answer or ""))
+    ps = [" ".join(_words(p)) for p in phrases if _words(p)]
+    return sum(f" {p} " in f" {a} " for p in ps) / len(ps) if ps else 0.0
+
+def judge_answer(schema, expected, output, scoring=None, extra:dict|None=None) -> tuple:
     "(predicted, correct, extra row fields) of one answer (`output` None: no valid answer)."
+    sc, extra = scoring or Scoring.from_dict({}, schema.kind, "task"), extra or {}
     if schema.schema and isinstance(expected, dict):
-        fields = {k: output is not None and _norm(output.get(k)) == _norm(v) for k, v in expected.items()}
+        fields = {k: field_score(output.get(k), v, *sc.match(k)) if output is not None else 0.0
+                  for k, v in expected.items()}
         pred = None if output is None else json.dumps(output, sort_keys=True)
-        return pred, output is not None and all(fields.values()), dict(fields=json.dumps(fields))
+        return pred, output is not None and all(x == 1.0 for x in fields.values()), dict(
+            fields=json.dumps(fields), field_mean=sum(fields.values()) / len(fields) if fields else 0.0)
     if schema.kind == "text":
         pred = None if output is None else output.get(schema.field)
-        same = pred is not None and _words(pred) == _words(expected)
-        f1, rl = (token_f1(pred, expected), rouge_l(pred, expected)) if pred is not None else (0.0, 0.0)
-        return pred, same, dict(token_f1=f1, rouge_l=rl)
+        same, a = pred is not None and _words(pred) == _words(expected), pred or ""
+        row = {}
+        for k in sc.scorers:
+            if k == "token_f1": row[k] = token_f1(a, expected) if pred is not None else 0.0
+            elif k == "rouge_l": row[k] = rouge_l(a, expected) if pred is not None else 0.0
+            elif k == "contains": row[k] = contains_score(a, extra.get("contains") or [expected])
+            elif pat := extra.get("regex") or sc.regex: row[k] = float(pred is not None and bool(re.search(pat, a)))
+        return pred, same, row
     pred = None if output is None else next(iter(output.values()), None)
     return pred, pred is not None and str(pred) == expected, {}
+
 
 # %% ../nbs/16_evaluation.ipynb #c035
 def _pid_alive(pid:int) -> bool:
@@ -409,7 +445,8 @@ class VersionEval:
                   else tuple(dict.fromkeys(r["expected"] for r in self.rows)))
         return confusion_matrix([r["expected"] for r in self.rows], [r["predicted"] for r in self.rows], labels)
 
-SUMMARY_COLUMNS = ("name", "hash", "accuracy", "f1_macro", "format_validity", "consistency", "latency_p50_ms",
+SUMMARY_COLUMNS = ("name", "hash", "accuracy", "f1_macro", "field_mean", "token_f1", "rouge_l", "contains", "regex",
+                   "judge", "judge_errors", "format_validity", "consistency", "latency_p50_ms",
                    "latency_p95_ms", "cost_per_call_usd", "cost_total_usd", "tokens_per_call", "error_rate",
                    "fallback_rate", "retry_rate", "cache_hit_rate", "n_examples", "run_id")
 
@@ -534,7 +571,48 @@ def _run_params(pipe, s:Settings, ds:Dataset, repeats:int, concurrency:int|None,
                 provider=p.name, decoding=getattr(p, "decoding", ""), temperature=pipe.temperature,
                 max_tokens=pipe.max_tokens, seed=pipe.seed, fallbacks=",".join(s.model.fallbacks),
                 dataset=ds.path.name, dataset_hash=ds.hash, dataset_rows=len(ds), repeats=repeats,
-                concurrency=conc, cache=cache, labels=",".join(t.output.labels), promptsys_version=_version())
+                concurrency=conc, cache=cache, labels=",".join(t.output.labels), promptsys_version=_version(),
+                **({"calibration": t.config.get("calibration", {}).get("inputs", "content-free")}
+                   if getattr(p, "decoding", "") == "calibrated" and t.output.kind == "label" else {}))
+
+# %% ../nbs/16_evaluation.ipynb #c049_d68
+def judge_pipeline(t:Task, s:Settings, provider=None, cache:bool=True):
+    "The pipeline of `t`'s judge (`[scoring.judge]`): its task at its `version` (a number, latest or an alias)."
+    from promptsys.pipeline import Pipeline
+    j = t.scoring.judge
+    jt = load_task(j["task"], s.promptsys.prompts_dir)
+    if jt.output.kind != "json" or not jt.output.schema:
+        raise ConfigError(f"{t.name}'s judge {jt.name} must be a json task with a schema (its answer holds the rating)")
+    fld = j.get("field", jt.output.field)
+    prop = jt.output.json_schema.get("properties", {}).get(fld, {})
+    if "minimum" not in prop or "maximum" not in prop:
+        raise ConfigError(f"{jt.name}: its schema's {fld!r} needs a minimum and a maximum (the rating's scale)")
+    sources = {"answer", "reference", *t.inputs}
+    mapping = j.get("inputs") or {k: k for k in jt.inputs if k in sources}
+    if bad := {k: v for k, v in mapping.items() if v not in sources or k not in jt.inputs}:
+        raise ConfigError(f"{t.name}: [scoring.judge] inputs {bad} — each judge input "
+                          f"({', '.join(jt.inputs)}) takes one of {', '.join(sorted(sources))}")
+    if missing := [k for k, spec in jt.inputs.items() if k not in mapping and spec.required]:
+        raise ConfigError(f"{t.name}: [scoring.judge] gives the judge no {', '.join(missing)}",
+                          "Map it in [scoring.judge] inputs, e.g. inputs = { summary = \"answer\" }.")
+    pipe = Pipeline(jt, j.get("version", "latest"), settings=s, provider=provider, cache=cache, mode="strict")
+    pipe.judge_scale = (fld, float(prop["minimum"]), float(prop["maximum"]), mapping)
+    return pipe
+
+def judge_rows(jpipe, ds:Dataset, rows:list[dict], concurrency:int=1, progress:bool=False, cache:bool=True):
+    "Add each row's `judge` score (0..1; 0 without an answer, None when the judge gave none)."
+    fld, lo, hi, mapping = jpipe.judge_scale
+    todo = [(i, {k: (r["predicted"] if v == "answer" else e.expected if v == "reference" else e.inputs[v])
+                 for k, v in mapping.items()}) for i, (e, r) in enumerate(zip(ds.examples, rows))
+            if r["predicted"] is not None]
+    for r in rows: r["judge"] = 0.0
+    for (i, _), res in zip(todo, _run_many(jpipe, [x for _, x in todo], concurrency, progress, cache,
+                                           desc=f"judge {jpipe.task.name} {jpipe.prompt.name}")):
+        out = answer_output(res)
+        v = out.get(fld) if out else None
+        rows[i]["judge"] = None if v is None else (float(v) - lo) / (hi - lo)
+    return rows
+
 
 # %% ../nbs/16_evaluation.ipynb #c049
 def evaluate(task:str|Task, # A task name or a loaded `Task`
@@ -548,6 +626,7 @@ def evaluate(task:str|Task, # A task name or a loaded `Task`
              provider=None, # A `Provider` to use instead of the configured one
              scorers:dict|None=None, # Custom scorers {name: fn(DataFrame) -> float | dict}
              cache:bool=True, # Use the response cache (resumable evals)
+             judge:bool|None=None, # Run the task's [scoring.judge] (default: when it declares one)
              track:bool=True, # Log to MLflow
              progress:bool=True,
              details:bool=False # Also return {version: VersionEval}
@@ -562,6 +641,7 @@ def evaluate(task:str|Task, # A task name or a loaded `Task`
     vs = [t.version(v) for v in (versions or list(t.versions))]
     repeats = max(1, repeats or s.eval.repeats)
     if track: check_tracking(tracking_uri(s))
+    jpipe = judge_pipeline(t, s, provider, cache) if t.scoring.judge and judge is not False else None
     bg = ThreadPoolExecutor(1, thread_name_prefix="promptsys-mlflow") if track else None
     setup = bg.submit(_tracking_setup, s, t, vs) if track else None
     evals, run_fs, finish_fs, current = {}, [], [], None
@@ -569,9 +649,15 @@ def evaluate(task:str|Task, # A task name or a loaded `Task`
         for pv in vs:
             pipe = Pipeline(t, pv.number, settings=s, provider=provider, cache=cache, mode="strict")
             params = _run_params(pipe, s, ds, repeats, concurrency, cache)
+            if jpipe: params.update(judge_task=jpipe.task.name, judge_version=jpipe.prompt.number,
+                                    judge_hash=jpipe.prompt.hash)
             if track: current = bg.submit(_start_run, setup, pv, params)
             rows = answer(pipe, ds, repeats, params["concurrency"], progress, cache)
+            if jpipe: judge_rows(jpipe, ds, rows, params["concurrency"], progress, cache)
             evals[pv.number] = ev = VersionEval(pv, rows, score(rows, t.output.labels, scorers), params=params)
+            if params.get("calibration") and hasattr(pipe.provider, "content_free_prior"):
+                prior = pipe.provider.content_free_prior(pipe._calibration(pv), t.output.labels)   # cached: no call
+                ev.metrics.update({f"calibration_prior_{_metric_name(l)}": p for l, p in prior.items()})
             if track:
                 if err := _setup_error(setup): raise err
                 finish_fs.append(bg.submit(_finish_run, setup, current, ev, ds, t.output.labels))
@@ -619,6 +705,18 @@ def run_examples(client, run_id:str) -> list[dict]:
         p = client.download_artifacts(run_id, "examples.json", d)
         data = json.loads(Path(p).read_text())
     return [dict(zip(data["columns"], row)) for row in data["data"]]
+
+# %% ../nbs/16_evaluation.ipynb #c064_08d
+def example_score(row:dict, metric:str) -> float|None:
+    "One example's score on `metric`, from its row (None: the metric has no per-example score, e.g. f1_macro)."
+    if metric == "accuracy": return float(bool(row.get("correct")))
+    if metric.startswith("field_accuracy_"):
+        f = row.get("fields")
+        d = json.loads(f) if isinstance(f, str) else (f or {})
+        v = next((x for k, x in d.items() if _metric_name(k) == metric.removeprefix("field_accuracy_")), None)
+    else: v = row.get(metric)
+    return None if v is None or v != v else float(v)      # NaN: a missing value in a logged table
+
 
 # %% ../nbs/16_evaluation.ipynb #c073
 def summary_text(summary) -> str:

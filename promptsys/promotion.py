@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_promotion.ipynb #c003
 from __future__ import annotations
-import getpass, json, logging, math, os, random, time
+import getpass, json, logging, math, os, random, statistics, time
 from dataclasses import dataclass, field, asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +17,7 @@ from .registry import (tracking_uri, experiment_name, prompt_name, mlflow_client
                                 alias_number, utc_now, sync_aliases, read_rollout, set_rollout, wake_live,
                                 follow_seconds)
 from .metrics import connect, db_path, flush_pending
-from .evaluation import evaluate, run_examples
+from .evaluation import evaluate, run_examples, example_score
 
 log = logging.getLogger("promptsys.promotion")
 
@@ -26,9 +26,10 @@ def _load(task, s:Settings) -> Task:
     return task if isinstance(task, Task) else load_task(task, s.promptsys.prompts_dir)
 
 # %% auto #0
-__all__ = ['log', 'LATENCY_NOISE_MS', 'mcnemar_exact', 'bootstrap_ci', 'GateDecision', 'gate', 'Impact', 'daily_traffic',
-           'impact', 'audit_path', 'current_user', 'append_audit', 'history', 'format_history', 'version_status',
-           'readme_text', 'write_readme', 'Promotion', 'audit_entry', 'promote', 'rollback', 'stage', 'demo']
+__all__ = ['log', 'LATENCY_NOISE_MS', 'mcnemar_exact', 'bootstrap_ci', 'GateDecision', 'min_detectable', 'gate', 'Impact',
+           'daily_traffic', 'impact', 'audit_path', 'current_user', 'append_audit', 'history', 'format_history',
+           'version_status', 'readme_text', 'write_readme', 'Promotion', 'audit_entry', 'promote', 'rollback', 'stage',
+           'demo']
 
 # %% ../nbs/17_promotion.ipynb #c007
 def mcnemar_exact(b:int, # Pairs production got right and the candidate wrong
@@ -64,11 +65,13 @@ class GateDecision:
     reasons: list[str] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     noop: bool = False   # the candidate already is production: nothing to do
+    verdict: str = ""    # better | worse | not enough data to tell | better, but a check failed | (empty: not compared)
     def to_dict(self) -> dict: return asdict(self)
     def __str__(self):
         head = "NO CHANGE" if self.noop else "PASSED" if self.passed else "REFUSED"
         vs = f" vs production v{self.production}" if self.production else " (no production yet)"
-        return "\n".join([f"gate {head}: {self.task} v{self.candidate}{vs}", *(f"  {r}" for r in self.reasons)])
+        v = f" — {self.verdict}" if self.verdict else ""
+        return "\n".join([f"gate {head}: {self.task} v{self.candidate}{vs}{v}", *(f"  {r}" for r in self.reasons)])
     def _repr_markdown_(self): return "```\n" + str(self) + "\n```"
 
 # %% ../nbs/17_promotion.ipynb #c016
@@ -104,41 +107,66 @@ def _guardrails(pm:dict, # Production's eval metrics
     return checks, notes
 
 # %% ../nbs/17_promotion.ipynb #c021
-def _paired(client, crun, prun) -> tuple[list[bool], list[bool]]:
-    "Correctness of the candidate and of production on the examples both runs answered (production's order)."
+def _paired(client, crun, prun, metric:str) -> tuple[list[float], list[float], str]:
+    """Per-example scores of the candidate and of production on the examples both runs scored (production's order),
+    and the metric they are scores of: `metric`, or accuracy when `metric` has none per example (f1_macro)."""
     ce = {r["id"]: r for r in run_examples(client, crun.info.run_id)}
     pe = {r["id"]: r for r in run_examples(client, prun.info.run_id)}
-    ids = [i for i in pe if i in ce]
-    return [bool(ce[i]["correct"]) for i in ids], [bool(pe[i]["correct"]) for i in ids]
+    basis = metric if any(example_score(r, metric) is not None for r in pe.values()) else "accuracy"
+    pairs = [(example_score(ce[i], basis), example_score(p, basis)) for i, p in pe.items() if i in ce]
+    pairs = [(c, p) for c, p in pairs if c is not None and p is not None]
+    return [c for c, _ in pairs], [p for _, p in pairs], basis
 
 def _judge(d:GateDecision, client, crun, prun, metric:str, min_gain:float, g) -> GateDecision:
     "Fill in the paired statistics and every check of the candidate's run `crun` against production's `prun`."
     cm, pm = crun.data.metrics, prun.data.metrics
-    cc, pc = _paired(client, crun, prun)
+    cc, pc, basis = _paired(client, crun, prun, metric)
     if not cc:
         d.reasons.append("✗ the two versions' eval runs share no examples — evaluate both on the same dataset")
         return d
     if crun.data.params.get("dataset_hash") != prun.data.params.get("dataset_hash"):
         d.reasons.append(f"! the runs used different datasets; compared on the {len(cc)} common examples")
+    if basis != metric: d.reasons.append(f"- {metric} has no per-example score: examples paired on accuracy")
     n = len(cc)
-    b, c = sum(p and not q for p, q in zip(pc, cc)), sum(q and not p for p, q in zip(pc, cc))
-    acc_c, acc_p = sum(cc) / n, sum(pc) / n
-    vc, vp = (acc_c, acc_p) if metric == "accuracy" else (cm.get(metric, 0.0), pm.get(metric, 0.0))
-    gain, p = vc - vp, mcnemar_exact(b, c)
-    lo, hi = bootstrap_ci([int(q) - int(p_) for p_, q in zip(pc, cc)], g.bootstrap, g.alpha)
+    sc_c, sc_p = sum(cc) / n, sum(pc) / n
+    vc, vp = (sc_c, sc_p) if basis == metric else (cm.get(metric, 0.0), pm.get(metric, 0.0))
+    gain = vc - vp
+    lo, hi = bootstrap_ci([q - p for p, q in zip(pc, cc)], g.bootstrap, g.alpha)
+    binary = all(x in (0.0, 1.0) for x in cc + pc)
     keys = (metric, "format_validity", "latency_p95_ms", "cost_per_call_usd")
-    d.stats.update(n=n, b_prod_only=b, c_cand_only=c, accuracy_candidate=acc_c, accuracy_production=acc_p,
-                   gain=gain, p_value=p, ci_low=lo, ci_high=hi, **{f"production_{k}": pm.get(k) for k in keys})
+    d.stats.update(n=n, metric=metric, paired_on=basis, test="mcnemar" if binary else "paired bootstrap",
+                   gain=gain, ci_low=lo, ci_high=hi, **{f"production_{k}": pm.get(k) for k in keys},
+                   **{f"{basis}_candidate": sc_c, f"{basis}_production": sc_p})
     checks = [(gain > 0 and gain >= min_gain, f"{metric} gain {gain:+.3f} (v{d.production} {vp:.3f} → "
-               f"v{d.candidate} {vc:.3f}) must be > 0 and ≥ min gain {min_gain:.3f}"),
-              (c > b and p < g.alpha, f"McNemar exact p = {p:.4f} (b={b} right only in production, c={c} right only "
-               f"in the candidate) must be < alpha {g.alpha} with c > b"),
-              (lo > 0, f"bootstrap {100 * (1 - g.alpha):.0f}% CI of the accuracy gain [{lo:+.3f}, {hi:+.3f}] "
-               "must lie above 0")]
+               f"v{d.candidate} {vc:.3f}) must be > 0 and ≥ min gain {min_gain:.3f}")]
+    if binary:      # 0/1 scores: McNemar on the discordant pairs
+        b, c = sum(1 for p, q in zip(pc, cc) if p > q), sum(1 for p, q in zip(pc, cc) if q > p)
+        p = mcnemar_exact(b, c)
+        d.stats.update(b_prod_only=b, c_cand_only=c, p_value=p)
+        checks.append((c > b and p < g.alpha, f"McNemar exact p = {p:.4f} (b={b} right only in production, c={c} "
+                       f"right only in the candidate) must be < alpha {g.alpha} with c > b"))
+    checks.append((lo > 0, f"{'' if binary else 'paired '}bootstrap {100 * (1 - g.alpha):.0f}% CI of the "
+                   f"{'mean per-example ' if not binary else ''}{basis} gain [{lo:+.3f}, {hi:+.3f}] must lie above 0"))
+    mde = min_detectable([q - p for p, q in zip(pc, cc)], g.alpha)
+    d.stats["min_detectable_gain"] = mde
     more, notes = _guardrails(pm, cm, g)
     d.reasons += notes + [f"{_ok(ok)} {why}" for ok, why in checks + more]
+    d.reasons.append(f"- power: on {n} paired examples with this much disagreement between the versions, the smallest "
+                     f"{basis} gain the gate detects 80% of the time (alpha {g.alpha}) is {mde:.3f}")
     d.passed = all(ok for ok, _ in checks + more)
+    d.verdict = ("better" if d.passed else "worse" if hi < 0 else "not enough data to tell" if lo <= 0
+                 else "better, but a check failed")
     return d
+
+def min_detectable(diffs:list, # Per-example differences (candidate - production)
+                   alpha:float=0.05, power:float=0.8) -> float:
+    "The smallest mean gain a paired two-sided test at `alpha` detects with probability `power` at this n and spread."
+    n = len(diffs)
+    if n < 2: return math.inf
+    z = statistics.NormalDist().inv_cdf
+    sd = max(statistics.stdev(diffs), math.sqrt(2 / n))    # at least two examples' worth of disagreement
+    return (z(1 - alpha / 2) + z(power)) * sd / math.sqrt(n)
+
 
 # %% ../nbs/17_promotion.ipynb #c023
 def _best(runs:dict, metric:str) -> int:
@@ -160,13 +188,14 @@ def _first(d:GateDecision, runs:dict, metric:str) -> GateDecision:
 def gate(task:str|Task, # A task name or `Task`
          candidate:int|None=None, # Version to judge (default: the best evaluated version by `metric`)
          *, settings:Settings|None=None,
-         metric:str="accuracy", # The score that ranks versions ('accuracy', 'f1_macro', ...)
+         metric:str|None=None, # The score that ranks versions (default: the task's [scoring] primary)
          min_gain:float|None=None, # Required gain in `metric` (default [gate] min_gain)
          production:int|None=None # Compare against this version instead of the production alias
         ) -> GateDecision:
     "Judge `candidate` against production on the same examples."
     s = settings or get_settings()
     t = _load(task, s)
+    metric = metric or t.scoring.primary
     min_gain = s.gate.min_gain if min_gain is None else float(min_gain)
     client, exp_id = task_experiment(t, s)
     runs = latest_runs(client, exp_id, t)
@@ -203,8 +232,11 @@ class Impact:
     candidate: int
     n: int # Examples both versions answered
     flips: list[dict] # The examples whose correctness changed
-    per_label: list[dict] # Recall per expected label, and how often each version predicts it
+    per_label: list[dict] # Recall per expected label (a json task: its label field), how often each version predicts it
     projection: dict # Daily calls, cost and latency of both versions
+    per_field: list[dict] = field(default_factory=list) # A json task: each field's mean score in both versions
+    metric: str = "accuracy" # The task's primary metric
+    changes: list[dict] = field(default_factory=list) # A continuous primary: examples whose score moved, most first
     def frames(self):
         "(flips, per-label) as DataFrames."
         import pandas as pd
@@ -226,7 +258,16 @@ def to_text(self:Impact, max_flips:int=20) -> str:
         out.append(f"  {f['change']:11} {f['id']:>8}  expected {f['expected']!s:9} v{b}: {f['baseline']!s:9} "
                    f"v{c}: {f['candidate']!s:9} {f['input'][:60]!r}")
     if len(self.flips) > max_flips: out.append(f"  ... {len(self.flips) - max_flips} more")
-    out.append("  per label (recall):")
+    if self.changes:
+        out.append(f"  {self.metric} moved on {len(self.changes)} examples; the largest:")
+        for f in self.changes[:max_flips]:
+            out.append(f"    {f['id']:>8}  {f['baseline_score']:.3f} → {f['candidate_score']:.3f} ({f['delta']:+.3f})"
+                       f"  {f['input'][:60]!r}")
+    if self.per_field:
+        out.append("  per field (mean score):")
+        for f in self.per_field:
+            out.append(f"    {f['field']:12} {f['baseline']:.3f} → {f['candidate']:.3f} ({f['delta']:+.3f})")
+    if self.per_label: out.append("  per label (recall):")
     for l in self.per_label:
         out.append(f"    {l['label']:10} n={l['n']:<4} {l['baseline_recall']:.2f} → {l['candidate_recall']:.2f} "
                    f"({l['delta']:+.2f})")
@@ -236,6 +277,37 @@ def to_text(self:Impact, max_flips:int=20) -> str:
                f"{_fmt_ms(p.get('candidate_p50_ms'))}; p95 {_fmt_ms(p.get('baseline_p95_ms'))} → "
                f"{_fmt_ms(p.get('candidate_p95_ms'))}")
     return "\n".join(out)
+
+# %% ../nbs/17_promotion.ipynb #c032_d8f
+@patch
+def _repr_html_(self:Impact) -> str:
+    "The report as HTML tables in Jupyter: the flips, the largest score moves, per field, per label, projection."
+    import html
+    e, b, c = html.escape, self.baseline, self.candidate
+    def table(head, rows):
+        th = "".join(f"<th>{e(h)}</th>" for h in head)
+        return f"<table><tr>{th}</tr>" + "".join("<tr>" + "".join(f"<td>{e(str(x))}</td>" for x in r) + "</tr>"
+                                                 for r in rows) + "</table>"
+    f3 = lambda x: f"{x:.3f}"
+    up = sum(f["change"] == "wrong→right" for f in self.flips)
+    out = [f"<h4>{e(self.task)} v{b} → v{c} on {self.n} examples: {up} fixed, {len(self.flips) - up} broken</h4>"]
+    if self.flips: out.append(table(["change", "id", "expected", f"v{b}", f"v{c}", "input"],
+                                    [(f["change"], f["id"], f["expected"], f["baseline"], f["candidate"],
+                                      f["input"][:80]) for f in self.flips[:20]]))
+    if self.changes: out.append(f"<p>{e(self.metric)} moved on {len(self.changes)} examples:</p>" + table(
+        ["id", f"v{b}", f"v{c}", "Δ", "input"], [(f["id"], f3(f["baseline_score"]), f3(f["candidate_score"]),
+                                                  f"{f['delta']:+.3f}", f["input"][:80]) for f in self.changes[:20]]))
+    if self.per_field: out.append(table(["field", f"v{b}", f"v{c}", "Δ"], [(f["field"], f3(f["baseline"]),
+                                        f3(f["candidate"]), f"{f['delta']:+.3f}") for f in self.per_field]))
+    if self.per_label: out.append(table(["label", "n", f"v{b} recall", f"v{c} recall", "Δ"], [
+        (l["label"], l["n"], f"{l['baseline_recall']:.2f}", f"{l['candidate_recall']:.2f}", f"{l['delta']:+.2f}")
+        for l in self.per_label]))
+    p = self.projection
+    out.append(f"<p>at {p['daily_calls']:.0f} calls/day ({e(p['basis'])}): cost/day "
+               f"${p['baseline_daily_cost_usd']:.4f} → ${p['candidate_daily_cost_usd']:.4f}; p95 "
+               f"{_fmt_ms(p.get('baseline_p95_ms'))} → {_fmt_ms(p.get('candidate_p95_ms'))}</p>")
+    return "\n".join(out)
+
 
 # %% ../nbs/17_promotion.ipynb #c036
 def _stored_calls(task:str, s:Settings, since:float) -> int:
@@ -269,17 +341,50 @@ def daily_traffic(task:str, settings:Settings) -> tuple[float|None, str]:
     return None, "no traffic recorded: one pass over the dataset a day"
 
 # %% ../nbs/17_promotion.ipynb #c040
-def _per_label(be:dict, ce:dict, ids:list) -> list[dict]:
-    "Per expected label: recall of both versions and how often each predicts the label."
+def _label_of(t:Task):
+    "row -> (expected label, predicted label): a label task's label, a json task's label field; None for text."
+    if t.output.kind == "text": return None
+    if not t.output.schema: return lambda r: (r["expected"], r["predicted"])
+    f = t.output.field
+    def get(x):
+        try: d = json.loads(x) if isinstance(x, str) else x
+        except ValueError: return None
+        return d.get(f) if isinstance(d, dict) else None
+    return lambda r: (get(r["expected"]), get(r["predicted"]))
+
+def _per_label(be:dict, ce:dict, ids:list, t:Task) -> list[dict]:
+    "Per expected label: recall of both versions and how often each predicts the label ([] for a text task)."
+    key = _label_of(t)
+    if key is None: return []
+    bk, ck = {i: key(be[i]) for i in ids}, {i: key(ce[i]) for i in ids}
     out = []
-    for l in dict.fromkeys(be[i]["expected"] for i in ids):
-        li = [i for i in ids if be[i]["expected"] == l]
-        br = sum(bool(be[i]["correct"]) for i in li) / len(li)
-        cr = sum(bool(ce[i]["correct"]) for i in li) / len(li)
+    for l in dict.fromkeys(bk[i][0] for i in ids):
+        li = [i for i in ids if bk[i][0] == l]
+        br = sum(bk[i][1] == l for i in li) / len(li)
+        cr = sum(ck[i][1] == l for i in li) / len(li)
         out.append(dict(label=l, n=len(li), baseline_recall=br, candidate_recall=cr, delta=cr - br,
-                        baseline_predicted=sum(be[i]["predicted"] == l for i in ids),
-                        candidate_predicted=sum(ce[i]["predicted"] == l for i in ids)))
+                        baseline_predicted=sum(bk[i][1] == l for i in ids),
+                        candidate_predicted=sum(ck[i][1] == l for i in ids)))
     return out
+
+def _per_field(be:dict, ce:dict, ids:list) -> list[dict]:
+    "A json task's mean score per field in both versions."
+    fs = lambda r: json.loads(r["fields"]) if isinstance(r.get("fields"), str) else {}
+    bf, cf = {i: fs(be[i]) for i in ids}, {i: fs(ce[i]) for i in ids}
+    out = []
+    for k in dict.fromkeys(k for i in ids for k in bf[i]):
+        b = sum(float(bf[i].get(k, 0)) for i in ids) / len(ids)
+        c = sum(float(cf[i].get(k, 0)) for i in ids) / len(ids)
+        out.append(dict(field=k, baseline=b, candidate=c, delta=c - b))
+    return out
+
+def _changes(be:dict, ce:dict, ids:list, metric:str) -> list[dict]:
+    "The examples whose (continuous) score on `metric` moved, the largest move first ([] for 0/1 scores)."
+    sc = {i: (example_score(be[i], metric), example_score(ce[i], metric)) for i in ids}
+    if all(v in (0.0, 1.0, None) for p in sc.values() for v in p): return []
+    out = [dict(id=i, input=be[i]["input"], baseline_score=b, candidate_score=c, delta=c - b)
+           for i, (b, c) in sc.items() if b is not None and c is not None and abs(c - b) > 1e-12]
+    return sorted(out, key=lambda f: -abs(f["delta"]))
 
 def _projection(bm:dict, cm:dict, calls:float, basis:str) -> dict:
     "Daily cost and latency of the baseline's and the candidate's eval metrics at `calls` a day."
@@ -319,8 +424,10 @@ def impact(task:str|Task, # A task name or `Task`
                   expected=be[i]["expected"], baseline=be[i]["predicted"], candidate=ce[i]["predicted"])
              for i in ids if bool(be[i]["correct"]) != bool(ce[i]["correct"])]
     calls, basis = daily_traffic(t.name, s)
-    imp = Impact(t.name, baseline, candidate, len(ids), flips, _per_label(be, ce, ids),
-                 _projection(br.data.metrics, cr.data.metrics, calls or float(len(ids)), basis))
+    imp = Impact(t.name, baseline, candidate, len(ids), flips, _per_label(be, ce, ids, t),
+                 _projection(br.data.metrics, cr.data.metrics, calls or float(len(ids)), basis),
+                 _per_field(be, ce, ids) if t.output.schema else [], t.scoring.primary,
+                 _changes(be, ce, ids, t.scoring.primary))
     if log_to_run:
         try:
             client.log_dict(cr.info.run_id, imp.to_dict(), f"impact/vs_v{baseline}.json")
@@ -391,23 +498,33 @@ def _cell(x, fmt:str) -> str: return "—" if x is None or x != x else fmt.forma
 def _utc(ms:float, fmt:str="%Y-%m-%d %H:%M") -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime(fmt)
 
-def _row(n:int, pv, m:dict, st:str, since:str, evaluated:str) -> str:
+_SECOND = {"label": "f1_macro", "json": "field_mean", "text": "rouge_l"}
+_NAMES = {"f1_macro": "F1 macro", "field_mean": "field mean", "rouge_l": "ROUGE-L", "token_f1": "token F1"}
+
+def _second(t:Task) -> str:
+    "The README's second score column: the task's primary metric, or the kind's usual one when that is accuracy."
+    return t.scoring.primary if t.scoring.primary != "accuracy" else _SECOND[t.output.kind]
+
+def _row(n:int, pv, m:dict, st:str, since:str, evaluated:str, second:str="f1_macro") -> str:
     "One version's line of the README's table."
     f = pv.path.name if pv.path else ""
     return (f"| v{n} | [`{f or pv.name}`]({f}) | **{st}** | {since[:16].replace('T', ' ') or '—'} | "
-            f"{_cell(m.get('accuracy'), '{:.3f}')} | {_cell(m.get('f1_macro'), '{:.3f}')} | "
+            f"{_cell(m.get('accuracy'), '{:.3f}')} | {_cell(m.get(second), '{:.3f}')} | "
             f"{_cell(m.get('format_validity'), '{:.1%}')} | {_cell(m.get('latency_p50_ms'), '{:.0f} ms')} | "
             f"{_cell(m.get('latency_p95_ms'), '{:.0f} ms')} | {_cell(m.get('cost_per_call_usd'), '${:.6f}')} | "
             f"{_cell(m.get('n_examples'), '{:.0f}')} | {evaluated} | {pv.note or '—'} |")
 
 def _field_table(t:Task, runs:dict) -> list[str]:
-    "Per-field accuracy (json tasks with a schema) and token F1 (text tasks) per version, when the runs have them."
+    "Each version's per-field scores (json tasks) or scorer means (text tasks), when its run has them."
     cols = sorted({k for r in runs.values() for k in r.data.metrics if k.startswith("field_accuracy_")})
-    cols += ["token_f1"] if any("token_f1" in r.data.metrics for r in runs.values()) else []
+    cols += [k for k in ("token_f1", "rouge_l", "contains", "regex", "judge")
+             if any(k in r.data.metrics for r in runs.values())]
     if not cols: return []
     head = [c.removeprefix("field_accuracy_") for c in cols]
-    L = ["", "Per field (share of examples with the field right" + ("; token F1 for text" if "token_f1" in cols else "")
-         + "):", "", "| version | " + " | ".join(head) + " |", "|---|" + "---|" * len(cols)]
+    what = ("mean score per field: 1 when right, a list compared as a set scores its items' F1"
+            if t.output.schema else "mean of each scorer against the reference; judge: the judge task's rating, 0..1")
+    L = ["", f"Scores ({what}; primary metric: `{t.scoring.primary}`):", "",
+         "| version | " + " | ".join(head) + " |", "|---|" + "---|" * len(cols)]
     for n, r in runs.items():
         L.append(f"| v{n} | " + " | ".join(_cell(r.data.metrics.get(c), "{:.3f}") for c in cols) + " |")
     return L
@@ -430,14 +547,15 @@ def readme_text(task:str|Task, settings:Settings|None=None) -> str:
          f"<!-- Generated by promptsys from MLflow ({exp}) and audit.jsonl; do not edit by hand. -->",
          f"_Generated {utc_now()} by `promptsys` from the MLflow experiment `{exp}`, the registry prompt `{pname}` and "
          "[`audit.jsonl`](audit.jsonl). Numbers come from each version's latest eval of its current file._", "",
-         "| version | file | status | since | accuracy | F1 macro | format valid | p50 latency | p95 latency | "
+         f"| version | file | status | since | accuracy | {_NAMES.get(_second(t), _second(t))} | format valid | "
+         "p50 latency | p95 latency | "
          "cost / call | examples | evaluated | what changed |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, pv in t.versions.items():
         st, since = status[n]
         if st == "experimental" and pv.hash in reg:
             since = _utc(reg[pv.hash].creation_timestamp, "%Y-%m-%dT%H:%M:%SZ")
         m = runs[n].data.metrics if n in runs else {}
-        L.append(_row(n, pv, m, st, since, _utc(runs[n].info.start_time) if n in runs else "never"))
+        L.append(_row(n, pv, m, st, since, _utc(runs[n].info.start_time) if n in runs else "never", _second(t)))
     L += _field_table(t, runs)
     if models := {r.data.params.get("provider", "") + ":" + r.data.params.get("model", "") for r in runs.values()}:
         ds = t.dataset.name if t.dataset else "?"
@@ -507,7 +625,7 @@ def promote(task:str|Task, # A task name or `Task`
             reason:str="", # Why (recorded in the audit trail)
             dry_run:bool=False, # Decide and report, move nothing
             force:bool=False, # Move even if the gate refuses (recorded as forced)
-            metric:str="accuracy", min_gain:float|None=None, user:str|None=None) -> Promotion:
+            metric:str|None=None, min_gain:float|None=None, user:str|None=None) -> Promotion:
     "Promote a version to production through the gate."
     s = settings or get_settings()
     t = _load(task, s)
@@ -578,17 +696,22 @@ def demo(task:str="sentiment", settings:Settings|None=None, limit:int|None=None)
     print(f"1/4 evaluating {len(t.versions)} versions of {task!r} on {limit or 'all'} examples with "
           f"{s.model.provider} (MLflow: {tracking_uri(s)}) ...", flush=True)
     df = evaluate(t, settings=s, limit=limit)
-    cols = [c for c in ("name", "accuracy", "f1_macro", "format_validity", "latency_p50_ms", "latency_p95_ms",
-                        "cost_per_call_usd", "cache_hit_rate", "run_id") if c in df.columns]
+    cols = [c for c in dict.fromkeys(("name", "accuracy", t.scoring.primary, "f1_macro", "format_validity",
+                                      "latency_p50_ms", "latency_p95_ms", "cost_per_call_usd", "cache_hit_rate",
+                                      "run_id")) if c in df.columns]
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(df[cols].round(4).to_string())
     print("\n2/4 promotion gate ...", flush=True)
     pr = promote(t, settings=s, reason="promptsys demo: best evaluated version")
     print(pr)
+    runner = [n for n in df.sort_values(t.scoring.primary, ascending=False).index if n != pr.decision.candidate]
+    if pr.decision.production is None and runner and pr.decision.candidate is not None:
+        print(f"\nhow sure: the gate on v{pr.decision.candidate} against the runner-up v{runner[0]} ...")
+        print(gate(t, pr.decision.candidate, settings=s, production=int(runner[0])))
     if pr.impact is not None: print(pr.impact.to_text(10))
     print(f"\n3/4 README regenerated: {write_readme(t, s)}")
     print(f"\n4/4 audit trail: {audit_path(t)}\n{format_history(history(t, s)[-3:])}")
     print(f"\nOpen the MLflow UI:  promptsys ui     (then http://127.0.0.1:5000, experiment "
           f"{experiment_name(task, s)})")
-    print(f'Serve production:    Pipeline("{task}", version="production").run("...")')
+    print(f'Serve production:    Pipeline("{task}", version="production").run({_call_args(t)})')
     return 0

@@ -12,8 +12,9 @@ from fastcore.basics import patch
 from .errors import PromptNotFound, TemplateError, ConfigError
 
 # %% auto #0
-__all__ = ['VAR', 'VERSION_FILE', 'ROLES', 'INPUT_TYPES', 'content_hash', 'PromptVersion', 'chat_template', 'OutputSchema',
-           'InputLimits', 'input_specs', 'Task', 'load_task', 'list_tasks', 'scaffold_task']
+__all__ = ['VAR', 'VERSION_FILE', 'ROLES', 'INPUT_TYPES', 'TEXT_SCORERS', 'FIELD_MATCHES', 'content_hash', 'PromptVersion',
+           'chat_template', 'OutputSchema', 'InputLimits', 'input_specs', 'Scoring', 'Task', 'load_task', 'list_tasks',
+           'scaffold_task']
 
 # %% ../nbs/02_prompts.ipynb #c006
 VAR = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
@@ -193,6 +194,52 @@ def input_specs(cfg:dict, where:str) -> dict[str, InputLimits]:
     if not out: raise ConfigError(f"{where}: [inputs] declares no input")
     return out
 
+# %% ../nbs/02_prompts.ipynb #c026_f60_629
+TEXT_SCORERS = ("token_f1", "rouge_l", "contains", "regex")
+FIELD_MATCHES = ("exact", "set", "number")
+
+@dataclass
+class Scoring:
+    "How a task's answers are scored, and its primary metric (`[scoring]` of task.toml)."
+    primary: str = ""                # the metric the gate compares ("" = accuracy, or rouge_l for a text task)
+    scorers: tuple = ("token_f1", "rouge_l")   # a text task's scorers besides exact match
+    fields: dict = field(default_factory=dict) # json: {field: {"match": exact|set|number, "tolerance": x}}
+    regex: str = ""                  # the `regex` scorer's pattern
+    judge: dict|None = None          # {"task", "version", "field", "inputs": {judge input: source}}
+    def match(self, name:str) -> tuple[str, float]:
+        "How the json field `name` is compared: (match, tolerance)."
+        d = self.fields.get(name, {})
+        return d.get("match", "exact"), float(d.get("tolerance", 0.0))
+    @classmethod
+    def from_dict(cls, d:dict, kind:str, where:str):
+        "The `[scoring]` table of a task of kind `kind`; `where` names the file in errors."
+        known = {"primary", "scorers", "fields", "regex", "judge"}
+        if bad := sorted(set(d) - known):
+            raise ConfigError(f"{where}: [scoring] has unknown key(s) {', '.join(bad)}",
+                              f"Known keys: {', '.join(sorted(known))}.")
+        scorers = tuple(d.get("scorers", cls.scorers))
+        if bad := [x for x in scorers if x not in TEXT_SCORERS]:
+            raise ConfigError(f"{where}: [scoring] scorers {', '.join(bad)} unknown; use {', '.join(TEXT_SCORERS)}")
+        fields = d.get("fields", {})
+        for k, f in fields.items():
+            if f.get("match", "exact") not in FIELD_MATCHES or set(f) - {"match", "tolerance"}:
+                raise ConfigError(f"{where}: [scoring.fields.{k}] takes match = {' | '.join(FIELD_MATCHES)} "
+                                  "and, for numbers, tolerance")
+        judge = d.get("judge")
+        if judge is not None and not judge.get("task"):
+            raise ConfigError(f"{where}: [scoring.judge] needs task = \"<the judge task's folder>\"")
+        s = cls(str(d.get("primary", "")) or ("rouge_l" if kind == "text" else "accuracy"), scorers, fields,
+                str(d.get("regex", "")), judge)
+        if s.primary not in s.metrics(kind) and not s.primary.startswith("field_accuracy_"):
+            raise ConfigError(f"{where}: [scoring] primary {s.primary!r} is not a metric of this task",
+                              f"Use one of {', '.join(s.metrics(kind))} (or field_accuracy_<field>).")
+        return s
+    def metrics(self, kind:str) -> tuple:
+        "The per-example metrics a task of this kind can take as primary."
+        if kind == "text": return ("accuracy", *self.scorers, *(("judge",) if self.judge else ()))
+        return ("accuracy", "f1_macro") if kind == "label" else ("accuracy", "field_mean")
+
+
 # %% ../nbs/02_prompts.ipynb #c026
 @dataclass
 class Task:
@@ -208,8 +255,10 @@ class Task:
     versions: dict[int, PromptVersion] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     inputs: dict = field(default_factory=dict)                # every input by name (default: just `input`)
+    scoring: Scoring|None = None                              # how answers are scored (default: the kind's)
     def __post_init__(self):
         if not self.inputs: self.inputs = {self.input.variable: self.input}
+        if self.scoring is None: self.scoring = Scoring.from_dict({}, self.output.kind, self.name)
     @property
     def latest(self) -> PromptVersion: return self.version("latest")
     def __repr__(self):
@@ -278,8 +327,10 @@ def load_task(name:str, # The task's folder name
     inputs = input_specs(cfg, str(tf))
     notes = {int(str(k).lstrip("v")): v for k, v in cfg.get("versions", {}).items()}
     ds = cfg.get("dataset", {}).get("path")
+    out = OutputSchema.from_dict(cfg.get("output", {}), str(tf), d)
     return Task(name=cfg.get("name", name), dir=d, description=cfg.get("description", ""),
-                output=OutputSchema.from_dict(cfg.get("output", {}), str(tf), d), input=next(iter(inputs.values())),
+                output=out, input=next(iter(inputs.values())), scoring=Scoring.from_dict(cfg.get("scoring", {}),
+                                                                                         out.kind, str(tf)),
                 defaults=cfg.get("defaults", {}), dataset=(d / ds) if ds else None,
                 fallback=cfg.get("fallback"), versions=_read_versions(d, name, notes), config=cfg, inputs=inputs)
 
