@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_local.ipynb #c003
 from __future__ import annotations
-import math, os, threading, time
+import json, math, os, threading, time
 from pathlib import Path
 from fastcore.basics import patch
 from .errors import ConfigError, ProviderError
@@ -12,7 +12,7 @@ from .providers import Provider, Request, Completion
 from .localbuild import DEFAULT_GGUF, INSTALL_CMD, check_build, default_model_path
 
 # %% auto #0
-__all__ = ['load_model', 'LocalProvider', 'provider_from_settings']
+__all__ = ['load_model', 'LocalProvider', 'provider_from_settings', 'calibrate']
 
 # %% ../nbs/06_local.ipynb #c006
 _models: dict[tuple, tuple] = {}
@@ -51,7 +51,7 @@ class LocalProvider(Provider):
         self.endpoint = f"local:{self.path.name}"
         self.n_ctx, self.n_threads, self.n_batch, self.decoding = n_ctx, n_threads, n_batch, decoding
         self.state_dir = state_dir
-        self._grammars, self._label_tokens, self._fmt = {}, {}, None
+        self._grammars, self._label_tokens, self._fmt, self._priors = {}, {}, None, {}
     def _loaded(self): return load_model(self.path, self.n_ctx, self.n_threads, self.n_batch, self.state_dir)
     @property
     def llm(self): return self._loaded()[0]
@@ -143,6 +143,26 @@ def score_labels(self:LocalProvider, messages:list, labels:tuple) -> dict[str, f
     llm.n_tokens = len(toks)
     return scores
 
+# %% ../nbs/06_local.ipynb #c026_307_10d
+def _log_softmax(scores:dict) -> dict:
+    m = max(scores.values())
+    z = m + math.log(sum(math.exp(v - m) for v in scores.values()))
+    return {k: v - z for k, v in scores.items()}
+
+def calibrate(scores:dict, prior:dict) -> dict:
+    "Label log-probs (renormalised over the labels) minus the log of the content-free prior."
+    return {k: v - math.log(max(prior[k], 1e-12)) for k, v in _log_softmax(scores).items()}
+
+@patch
+def content_free_prior(self:LocalProvider, calibration:list, labels:tuple) -> dict[str, float]:
+    "The mean label distribution of the prompt on content-free inputs (computed once per prompt and label set)."
+    key = json.dumps([calibration, list(labels)], ensure_ascii=False)
+    if key not in self._priors:
+        ps = [{k: math.exp(v) for k, v in _log_softmax(self.score_labels(m, labels)).items()} for m in calibration]
+        self._priors[key] = {l: sum(p[l] for p in ps) / len(ps) for l in labels}
+    return self._priors[key]
+
+
 # %% ../nbs/06_local.ipynb #c028
 @patch
 def complete(self:LocalProvider, req:Request) -> Completion:
@@ -152,8 +172,11 @@ def complete(self:LocalProvider, req:Request) -> Completion:
     with lock:
         t0 = time.perf_counter()
         try:
-            if self.decoding == "logprob" and schema is not None and schema.kind == "label" and schema.labels:
+            if self.decoding in ("logprob", "calibrated") and schema is not None and schema.kind == "label" \
+                    and schema.labels:
                 scores = self.score_labels(req.messages, schema.labels)
+                if self.decoding == "calibrated" and req.calibration:
+                    scores = calibrate(scores, self.content_free_prior(req.calibration, schema.labels))
                 best = max(scores, key=scores.get)
                 n_out = len(self._label_tokens[schema.labels][schema.labels.index(best)])
                 return Completion(best, llm.n_tokens, n_out, time.perf_counter() - t0, self.model, self.name,

@@ -8,7 +8,7 @@ import hashlib, json, logging, os, queue, time, threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from fastcore.basics import patch
-from .errors import (PromptsysError, InputValidationError, OutputValidationError, ProviderError,
+from .errors import (PromptsysError, ConfigError, InputValidationError, OutputValidationError, ProviderError,
                               BudgetExceeded, PromptNotFound, redact)
 from .config import Settings, get_settings, load_settings
 from .prompts import Task, PromptVersion, load_task
@@ -23,8 +23,8 @@ from .balance import Target, Group
 log = logging.getLogger("promptsys.pipeline")
 
 # %% auto #0
-__all__ = ['log', 'records_log', 'Result', 'JSONLSink', 'Pipeline', 'LiveEvents', 'Bound', 'Routes', 'route_bucket',
-           'ShadowQueue']
+__all__ = ['log', 'records_log', 'CONTENT_FREE', 'MAX_CALIBRATION_INPUTS', 'Result', 'JSONLSink', 'Pipeline', 'LiveEvents',
+           'Bound', 'Routes', 'route_bucket', 'ShadowQueue', 'calibration_inputs']
 
 # %% ../nbs/15_pipeline.ipynb #c007
 @dataclass(slots=True)
@@ -232,8 +232,10 @@ class Routes:
 def _bound(self:Pipeline, pv:PromptVersion, role:str="primary") -> Bound:
     "`pv` with its cache-key prefix."
     p = self.provider
-    return Bound(pv, cache_key(pv.hash, p.name, p.model, getattr(p, "decoding", ""), self.max_tokens,
-                               self.temperature, self.seed), role)
+    dec = getattr(p, "decoding", "")
+    if dec == "calibrated" and self.task.output.kind == "label":    # answers depend on the calibration inputs too
+        dec += ":" + hashlib.sha256(json.dumps(calibration_inputs(self.task)).encode()).hexdigest()[:12]
+    return Bound(pv, cache_key(pv.hash, p.name, p.model, dec, self.max_tokens, self.temperature, self.seed), role)
 
 # %% ../nbs/15_pipeline.ipynb #c027_6
 @patch
@@ -515,9 +517,37 @@ def _give_up(self:Pipeline, call:_Call, err:PromptsysError) -> Result:
 @patch
 def _request(self:Pipeline, call:_Call) -> Request:
     "The model request (built only on a cache miss)."
+    cal = (self._calibration(call.b.prompt)
+           if self.task.output.kind == "label" and self.settings.local.decoding == "calibrated" else None)
     call.req = Request(call.messages or [{"role": "user", "content": call.prompt}], "", self.max_tokens,
-                       self.temperature, self.seed, self.task.output)
+                       self.temperature, self.seed, self.task.output, cal)
     return call.req
+
+CONTENT_FREE = ("N/A", "[MASK]", "")   # the content-free inputs of "Calibrate Before Use"
+MAX_CALIBRATION_INPUTS = 64
+
+def calibration_inputs(task) -> list[dict]:
+    "The inputs a label task calibrates on: `[calibration] inputs` (a JSONL file of unlabeled rows), else content-free."
+    f = task.config.get("calibration", {}).get("inputs")
+    if f:
+        p = Path(task.dir) / f
+        try: rows = [json.loads(l) for l in p.read_text(encoding="utf-8").splitlines() if l.strip()]
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{task.name}: [calibration] inputs {p}: {e}", "Give a JSONL file of unlabeled inputs.")
+        return [{k: v for k, v in r.items() if k in task.inputs} for r in rows[:MAX_CALIBRATION_INPUTS]]
+    def value(spec, cf):
+        if spec.type in ("str", "list"): return cf if spec.type == "str" else [cf]
+        return spec.default if spec.default is not None else (spec.values[0] if spec.values else spec.min or 0)
+    return [{k: value(sp, cf) for k, sp in task.inputs.items()} for cf in CONTENT_FREE]
+
+@patch
+def _calibration(self:Pipeline, pv) -> list:
+    "The version's messages on each calibration input (rendered once per version)."
+    cache = self.__dict__.setdefault("_cal", {})
+    if pv.hash not in cache:
+        ins = calibration_inputs(self.task)
+        cache[pv.hash] = [pv.render_messages(**{k: v for k, v in x.items() if k in pv.variables}) for x in ins]
+    return cache[pv.hash]
 
 # %% ../nbs/15_pipeline.ipynb #c077
 @patch

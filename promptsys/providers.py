@@ -29,11 +29,13 @@ class Request:
     temperature: float = 0.0
     seed: int = 0
     schema: OutputSchema|None = None
+    calibration: list|None = None   # a label task's prompt on content-free inputs (message lists), to calibrate by
     def key(self) -> str:
         "A stable hash of everything that determines the answer (used by replay cassettes)."
         s = self.schema
         blob = json.dumps([self.messages, self.model, self.max_tokens, self.temperature, self.seed,
-                           [s.kind, s.field, list(s.labels), s.confidence] if s else None],
+                           [s.kind, s.field, list(s.labels), s.confidence] if s else None,
+                           *([self.calibration] if self.calibration else [])],
                           ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
