@@ -21,7 +21,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                   max_tokens=("int", 0), temperature=("float", 0.0), seed=("int", 0),
                   fallbacks=("list", ""), cascade=("list", ""), cascade_min_confidence=("float", 0.0)),
     "local": dict(model_path=("path", ""), n_ctx=("int", 2048), n_threads=("int", 2), n_batch=("int", 512),
-                  decoding=(("grammar", "logprob", "calibrated", "free"), "logprob")),
+                  decoding=(("grammar", "logprob", "calibrated", "free"), "calibrated")),
     "openai": dict(base_url=("str", "https://api.openai.com/v1"), endpoints=("list", ""),
                    api_key_env=("str", "OPENAI_API_KEY"), model=("str", "gpt-4o-mini"),
                    balance=(("round_robin", "least_in_flight"), "round_robin"),

@@ -174,9 +174,10 @@ def complete(self:LocalProvider, req:Request) -> Completion:
         try:
             if self.decoding in ("logprob", "calibrated") and schema is not None and schema.kind == "label" \
                     and schema.labels:
+                prior = (self.content_free_prior(req.calibration, schema.labels)   # first: n_tokens is the request's
+                         if self.decoding == "calibrated" and req.calibration else None)
                 scores = self.score_labels(req.messages, schema.labels)
-                if self.decoding == "calibrated" and req.calibration:
-                    scores = calibrate(scores, self.content_free_prior(req.calibration, schema.labels))
+                if prior: scores = calibrate(scores, prior)
                 best = max(scores, key=scores.get)
                 n_out = len(self._label_tokens[schema.labels][schema.labels.index(best)])
                 return Completion(best, llm.n_tokens, n_out, time.perf_counter() - t0, self.model, self.name,
