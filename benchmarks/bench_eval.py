@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         df, evals = pe.evaluate("sentiment", versions, settings=s, limit=a.limit, provider=prov, progress=False,
                                 details=True)
         wall = time.perf_counter() - t0
-        per_version = {n: round(len(e.rows) / (sum(r["latency_ms"] for r in e.rows) / 1e3), 3)
+        per_version = {f"v{n}": round(len(e.rows) / (sum(r["latency_ms"] for r in e.rows) / 1e3), 3)
                        for n, e in evals.items()}
         model_s, calls = TimedLocal.total, TimedLocal.calls
         client = registry.mlflow_client(s)
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     print(f"{'overhead':<24}{wall - model_s:8.2f} s   ({res['overhead_ms_per_call']:.1f} ms a call)")
     print(f"{'ratio wall / model':<24}{ratio:8.3f}     target ≤ 1.10  {'PASS' if ratio <= 1.10 else 'FAIL'}")
     print(f"{'examples / s':<24}{res['examples_per_s']['overall']:8.2f}     overall ({L.decoding}); per version: "
-          + ", ".join(f"v{n} {x:.2f}" for n, x in per_version.items()))
+          + ", ".join(f"{n} {x:.2f}" for n, x in per_version.items()))
     out = ROOT / "benchmarks" / "results" / "bench_eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
