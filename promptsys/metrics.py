@@ -16,9 +16,10 @@ log = logging.getLogger("promptsys.metrics")
 alerts_log = logging.getLogger("promptsys.alerts")
 
 # %% auto #0
-__all__ = ['log', 'alerts_log', 'COLUMNS', 'MAX_QUEUE', 'alert_callbacks', 'percentile', 'connect', 'MetricsStore',
-           'metrics_store', 'db_path', 'flush_pending', 'record_feedback', 'record_event', 'events', 'on_alert',
-           'Alert', 'fire', 'raise_alert', 'watch_budget', 'TraceSink']
+__all__ = ['log', 'alerts_log', 'COLUMNS', 'ROLLUP_VERSION', 'LAT_RATIO', 'LAT_MIN_MS', 'LAT_BUCKETS', 'LAT_UPPERS', 'MAX_QUEUE',
+           'LATENCY_BUCKETS_S', 'alert_callbacks', 'percentile', 'rollup_row_sums', 'connect', 'MetricsStore',
+           'prometheus_listener', 'prometheus_registry', 'metrics_store', 'db_path', 'flush_pending', 'record_feedback',
+           'record_event', 'events', 'on_alert', 'Alert', 'fire', 'raise_alert', 'watch_budget', 'TraceSink']
 
 # %% ../nbs/14_metrics.ipynb #c006
 def percentile(xs:list, # Numbers in any order (None values are skipped)
@@ -51,6 +52,7 @@ CREATE INDEX IF NOT EXISTS calls_request ON calls(request_id);
 CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY, ts REAL NOT NULL, request_id TEXT NOT NULL,
   score REAL, correct_label TEXT, note TEXT);
 CREATE INDEX IF NOT EXISTS feedback_request ON feedback(request_id);
+CREATE INDEX IF NOT EXISTS feedback_ts ON feedback(ts);
 CREATE TABLE IF NOT EXISTS alert_state (key TEXT PRIMARY KEY, last_fired REAL NOT NULL,
   fired INTEGER NOT NULL DEFAULT 0, suppressed INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS alert_log (id INTEGER PRIMARY KEY, ts REAL NOT NULL, key TEXT, severity TEXT,
@@ -63,9 +65,100 @@ _INSERT = f"INSERT INTO calls ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * le
 # columns added after the first release: a database made before them gets them on its next connect
 _ADDED = {"role": "TEXT", "output": "TEXT"}
 
+# %% ../nbs/14_metrics.ipynb #c013_771
+ROLLUP_VERSION = 2          # PRAGMA user_version once the rollup tables, trigger and backfill are in place
+LAT_RATIO, LAT_MIN_MS, LAT_BUCKETS = 1.1, 0.1, 180
+LAT_UPPERS = [LAT_MIN_MS * LAT_RATIO ** b for b in range(LAT_BUCKETS - 1)] + [float("inf")]
+
+_K = "CAST({r}ts / 60 AS INTEGER), IFNULL({r}task, ''), IFNULL({r}version, -1)"
+_H = "CAST({r}ts / 3600 AS INTEGER), IFNULL({r}task, ''), IFNULL({r}version, -1)"      # the hourly histograms' key
+_SHADOW = "IFNULL({r}role = 'shadow', 0)"
+_BUCKET = "(SELECT MIN(b) FROM lat_buckets WHERE upper >= {r}latency_ms)"
+_OUTCOME = "CASE WHEN {r}success = 0 THEN 'error' WHEN {r}fallback = 1 THEN 'fallback' ELSE 'success' END"
+_ERRTYPE = "CASE WHEN {r}success = 0 THEN COALESCE({r}error_type, 'error') ELSE 'fallback' END"
+_SUMS = ("n", "ok", "err", "fb", "retried", "retries", "hits", "lat_sum", "lat_n", "cost", "tin", "tout")
+_ROW_SUMS = ("1", "IFNULL({r}success = 1 AND {r}fallback = 0, 0)", "IFNULL({r}success = 0, 0)",
+             "IFNULL({r}fallback, 0)", "IFNULL({r}retries > 0, 0)", "IFNULL({r}retries, 0)", "IFNULL({r}cache_hit, 0)",
+             "IFNULL({r}latency_ms, 0)", "{r}latency_ms IS NOT NULL", "IFNULL({r}cost_usd, 0)",
+             "IFNULL({r}tokens_in, 0)", "IFNULL({r}tokens_out, 0)")
+
+def rollup_row_sums(r:str, agg:str="") -> str:
+    return ", ".join(f"{agg}({e.format(r=r)})" if agg else e.format(r=r) for e in _ROW_SUMS)
+
+def _rollup_statements(r:str) -> list[str]:
+    "The five upserts that add one call row (`r` = 'NEW.' in the trigger) to the rollups."
+    k, sh = _K.format(r=r), _SHADOW.format(r=r)
+    add = ", ".join(f"{c} = {c} + excluded.{c}" for c in _SUMS)
+    return [
+        f"""INSERT INTO rollup (minute, task, version, model, shadow, {', '.join(_SUMS)}, t0, t1)
+            SELECT {k}, IFNULL({r}model, ''), {sh}, {rollup_row_sums(r)}, {r}ts, {r}ts WHERE true
+            ON CONFLICT (minute, task, version, model, shadow) DO UPDATE SET {add},
+            t0 = MIN(t0, excluded.t0), t1 = MAX(t1, excluded.t1)""",
+        f"""INSERT INTO rollup_lat (minute, task, version, shadow, b, n)
+            SELECT {k}, {sh}, {_BUCKET.format(r=r)}, 1 WHERE {r}latency_ms IS NOT NULL
+            ON CONFLICT (minute, task, version, shadow, b) DO UPDATE SET n = n + 1""",
+        f"""INSERT INTO rollup_lat_h (hour, task, version, shadow, b, n)
+            SELECT {_H.format(r=r)}, {sh}, {_BUCKET.format(r=r)}, 1 WHERE {r}latency_ms IS NOT NULL
+            ON CONFLICT (hour, task, version, shadow, b) DO UPDATE SET n = n + 1""",
+        f"""INSERT INTO rollup_err (minute, task, version, shadow, error_type, n)
+            SELECT {k}, {sh}, {_ERRTYPE.format(r=r)}, 1 WHERE {r}success = 0 OR {r}fallback = 1
+            ON CONFLICT (minute, task, version, shadow, error_type) DO UPDATE SET n = n + 1""",
+        f"""INSERT INTO totals (task, version, model, outcome, n, cost)
+            SELECT IFNULL({r}task, ''), IFNULL({r}version, -1), IFNULL({r}model, ''), {_OUTCOME.format(r=r)}, 1,
+            IFNULL({r}cost_usd, 0) WHERE true
+            ON CONFLICT (task, version, model, outcome) DO UPDATE SET n = n + 1, cost = cost + excluded.cost"""]
+
+_ROLLUP_TABLES = [
+    "CREATE TABLE IF NOT EXISTS lat_buckets (b INTEGER PRIMARY KEY, upper REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS lat_buckets_upper ON lat_buckets(upper)",
+    f"""CREATE TABLE IF NOT EXISTS rollup (minute INTEGER, task TEXT, version INTEGER, model TEXT, shadow INTEGER,
+        {', '.join(c + (' REAL' if c in ('lat_sum', 'cost') else ' INTEGER') for c in _SUMS)}, t0 REAL, t1 REAL,
+        PRIMARY KEY (minute, task, version, model, shadow))""",
+    """CREATE TABLE IF NOT EXISTS rollup_lat (minute INTEGER, task TEXT, version INTEGER, shadow INTEGER, b INTEGER,
+        n INTEGER, PRIMARY KEY (minute, task, version, shadow, b))""",
+    """CREATE TABLE IF NOT EXISTS rollup_lat_h (hour INTEGER, task TEXT, version INTEGER, shadow INTEGER, b INTEGER,
+        n INTEGER, PRIMARY KEY (hour, task, version, shadow, b))""",
+    """CREATE TABLE IF NOT EXISTS rollup_err (minute INTEGER, task TEXT, version INTEGER, shadow INTEGER,
+        error_type TEXT, n INTEGER, PRIMARY KEY (minute, task, version, shadow, error_type))""",
+    """CREATE TABLE IF NOT EXISTS totals (task TEXT, version INTEGER, model TEXT, outcome TEXT, n INTEGER, cost REAL,
+        PRIMARY KEY (task, version, model, outcome))"""]
+
+def _backfill(con):
+    "Aggregate the call rows already in the database (a database made before the rollups), in SQL."
+    k, sh = _K.format(r=""), _SHADOW.format(r="")
+    con.execute(f"""INSERT INTO rollup (minute, task, version, model, shadow, {', '.join(_SUMS)}, t0, t1)
+        SELECT {k}, IFNULL(model, ''), {sh}, {rollup_row_sums('', 'SUM')},
+        MIN(ts), MAX(ts) FROM calls GROUP BY 1, 2, 3, 4, 5""")
+    con.execute(f"""INSERT INTO rollup_lat SELECT {k}, {sh}, {_BUCKET.format(r='')}, COUNT(*) FROM calls
+        WHERE latency_ms IS NOT NULL GROUP BY 1, 2, 3, 4, 5""")
+    con.execute(f"""INSERT INTO rollup_lat_h SELECT {_H.format(r='')}, {sh}, {_BUCKET.format(r='')}, COUNT(*) FROM calls
+        WHERE latency_ms IS NOT NULL GROUP BY 1, 2, 3, 4, 5""")
+    con.execute(f"""INSERT INTO rollup_err SELECT {k}, {sh}, {_ERRTYPE.format(r='')}, COUNT(*) FROM calls
+        WHERE success = 0 OR fallback = 1 GROUP BY 1, 2, 3, 4, 5""")
+    con.execute(f"""INSERT INTO totals SELECT IFNULL(task, ''), IFNULL(version, -1), IFNULL(model, ''),
+        {_OUTCOME.format(r='')}, COUNT(*), SUM(IFNULL(cost_usd, 0)) FROM calls GROUP BY 1, 2, 3, 4""")
+
+def _ensure_rollups(con):
+    "Create the rollup tables and their trigger, and backfill them, once per database (under a write lock)."
+    if con.execute("PRAGMA user_version").fetchone()[0] >= ROLLUP_VERSION: return
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        if con.execute("PRAGMA user_version").fetchone()[0] < ROLLUP_VERSION:      # nobody did it meanwhile
+            for q in _ROLLUP_TABLES: con.execute(q)
+            con.executemany("INSERT OR REPLACE INTO lat_buckets VALUES (?, ?)",
+                            [(b, u if u != float("inf") else 1e308) for b, u in enumerate(LAT_UPPERS)])
+            _backfill(con)
+            con.execute("CREATE TRIGGER IF NOT EXISTS calls_rollup AFTER INSERT ON calls BEGIN "
+                        + "; ".join(_rollup_statements("NEW.")) + "; END")
+            con.execute(f"PRAGMA user_version = {ROLLUP_VERSION}")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK"); raise
+
+
 # %% ../nbs/14_metrics.ipynb #c013
 def connect(db_path:str|Path) -> sqlite3.Connection:
-    "A connection to the metrics database (created with its schema, WAL mode, autocommit)."
+    "A connection to the metrics database (created with its schema and rollups, WAL mode, autocommit)."
     p = Path(db_path)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +171,7 @@ def connect(db_path:str|Path) -> sqlite3.Connection:
                 try: con.execute(f"ALTER TABLE calls ADD COLUMN {col} {kind}")
                 except sqlite3.OperationalError as e:            # another process added it meanwhile
                     if "duplicate column" not in str(e): raise
+        _ensure_rollups(con)
     except (OSError, sqlite3.Error) as e:
         raise ConfigError(f"cannot open the metrics database {str(p)!r}: {e}",
                           "Point [monitor] db_path at a writable file.") from None
@@ -223,6 +317,48 @@ def _after_fork():
 atexit.register(_close_all)
 if hasattr(os, "register_at_fork"): os.register_at_fork(after_in_child=_after_fork)
 
+# %% ../nbs/14_metrics.ipynb #c045_461
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_prom: dict = {}
+_prom_lock = threading.Lock()
+
+def _instruments() -> dict:
+    "The process's prometheus_client instruments (created once, in their own registry)."
+    with _prom_lock:
+        if not _prom:
+            from prometheus_client import CollectorRegistry, Counter, Histogram
+            reg = CollectorRegistry(auto_describe=False); lab = ["task", "version", "model"]
+            _prom.update(registry=reg,
+                calls=Counter("promptsys_requests", "Pipeline calls answered", lab + ["outcome"], registry=reg),
+                latency=Histogram("promptsys_request_latency_seconds", "Pipeline call latency", lab,
+                                  buckets=LATENCY_BUCKETS_S, registry=reg),
+                cost=Counter("promptsys_request_cost_usd", "Model cost of pipeline calls", lab, registry=reg),
+                tokens=Counter("promptsys_request_tokens", "Tokens of pipeline calls", lab + ["direction"],
+                               registry=reg))
+    return _prom
+
+def prometheus_listener(batch:list):
+    "A `MetricsStore` listener: count each committed record in the in-process Prometheus instruments."
+    m = _instruments(); calls, lat, cost, tok = m["calls"], m["latency"], m["cost"], m["tokens"]
+    for r in batch:
+        if r.get("role") == "shadow": continue
+        lab = (str(r.get("task")), str(r.get("version")), str(r.get("model")))
+        outcome = "error" if not r.get("success") else ("fallback" if r.get("fallback") else "success")
+        calls.labels(*lab, outcome).inc()
+        if r.get("latency_ms") is not None: lat.labels(*lab).observe(r["latency_ms"] / 1000)
+        if r.get("cost_usd"): cost.labels(*lab).inc(r["cost_usd"])
+        if r.get("tokens_in"): tok.labels(*lab, "in").inc(r["tokens_in"])
+        if r.get("tokens_out"): tok.labels(*lab, "out").inc(r["tokens_out"])
+
+def prometheus_registry():
+    "The registry to expose: this process's instruments, or every worker's in multiprocess mode."
+    reg = _instruments()["registry"]
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import CollectorRegistry, multiprocess
+        reg = CollectorRegistry(auto_describe=False); multiprocess.MultiProcessCollector(reg)
+    return reg
+
+
 # %% ../nbs/14_metrics.ipynb #c045
 _stores: dict[str, MetricsStore] = {}
 _stores_lock = threading.Lock()
@@ -243,6 +379,7 @@ def metrics_store(settings:Settings|str|Path|None=None) -> MetricsStore:
                 st = MetricsStore(p, s.monitor.flush_seconds, s.monitor.batch_size)
                 if str(s.monitor.get("tracing", False)).lower() in ("1", "true", "yes", "on"):
                     st.listeners.append(TraceSink(s))
+                if s.monitor.prometheus: st.listeners.append(prometheus_listener)
                 _stores[p] = st
     return st
 

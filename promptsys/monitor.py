@@ -4,20 +4,22 @@
 
 # %% ../nbs/19_monitor.ipynb #c003
 from __future__ import annotations
-import html, io, json, logging, math, time, unicodedata
+import bisect, html, io, json, logging, math, threading, time, unicodedata
 from itertools import accumulate, groupby
 from pathlib import Path
+from fastcore.basics import patch
 from .errors import PromptsysError
 from .config import Settings, get_settings, load_settings
-from .metrics import Alert, connect, db_path, fire, flush_pending, percentile
+from .metrics import (Alert, LAT_MIN_MS, LAT_RATIO, LAT_UPPERS, connect, db_path, fire, flush_pending, percentile,
+                               prometheus_registry, rollup_row_sums)
 
 log = logging.getLogger("promptsys.monitor")
 
 # %% auto #0
-__all__ = ['log', 'MIN_CALLS', 'MIN_FEEDBACK', 'RULES', 'summary', 'timeseries', 'figures', 'budget_status', 'evaluate_alerts',
-           'check_alerts', 'fired_alerts', 'dashboard_lines', 'breakdown_table', 'running_rollouts', 'rollout_html',
-           'shown_alerts', 'dashboard_text', 'dashboard_html', 'MonitorCollector', 'prometheus_text', 'serve_metrics',
-           'alerts_text']
+__all__ = ['log', 'MIN_CALLS', 'MIN_FEEDBACK', 'RULES', 'rollup_calls', 'summary', 'timeseries', 'figures', 'budget_status',
+           'evaluate_alerts', 'check_alerts', 'fired_alerts', 'dashboard_lines', 'breakdown_table', 'running_rollouts',
+           'rollout_html', 'shown_alerts', 'dashboard_text', 'dashboard_html', 'MonitorCollector', 'prometheus_text',
+           'serve_metrics', 'alerts_text']
 
 # %% ../nbs/19_monitor.ipynb #c008
 def _settings(settings) -> Settings:
@@ -103,14 +105,170 @@ def _add_consistency(out:dict, con, w:str, args:list, by:tuple):
             if sum(counts) >= 2: agree += max(counts); total += sum(counts)
         out[k].update(consistency=_ratio(agree, total), consistency_calls=total)
 
+# %% ../nbs/19_monitor.ipynb #c017_342
+_PRIM = ("n", "ok", "err", "fb", "retried", "retries", "hits", "lat_sum", "lat_n", "cost", "tin", "tout")
+
+def _edges(since:float, until:float) -> tuple[int, int]:
+    "Whole minutes [m0, m1) inside (since, until]; the rest of the window is its raw edges."
+    return math.floor(since / 60) + 1, math.floor(until / 60)
+
+def _rollup_where(m0:int, m1:int, task:str|None) -> tuple[str, list]:
+    w, args = "minute >= ? AND minute < ? AND shadow = 0", [m0, m1]
+    if task: w += " AND task = ?"; args.append(task)
+    return w, args
+
+def _edge_where(since, until, m0, m1, task) -> tuple[str, list]:
+    "The raw rows of the window outside its whole minutes (all of it when it spans none): two short index ranges."
+    if m1 <= m0: return _where(since, until, task)
+    w, args = _where(since, m0 * 60.0, task); w2, args2 = _where(m1 * 60.0, until, task)
+    return (f"(({w} AND ts < ?) OR ({w2.replace('ts > ?', 'ts >= ?', 1)}))", args + [m0 * 60.0] + args2)
+
+def _key_sql(by:tuple) -> str:
+    "The group columns as the rollups store them ('' and -1 for a missing task or version)."
+    return "".join({"task": "IFNULL(task, ''), ", "version": "IFNULL(version, -1), "}[k] for k in by)
+
+def _unkey(k:tuple, by:tuple) -> tuple:
+    return tuple(None if (c == "task" and v == "") or (c == "version" and v == -1) else v for c, v in zip(by, k))
+
+def rollup_calls(con, since:float, until:float, task:str|None=None) -> int:
+    "Calls in the window's whole minutes, from the rollups (how `_aggregate` picks exact or rollup reading)."
+    m0, m1 = _edges(since, until)
+    if m1 <= m0: return 0
+    w, args = _rollup_where(m0, m1, task)
+    return int(con.execute(f"SELECT IFNULL(SUM(n), 0) FROM rollup WHERE {w}", args).fetchone()[0])
+
+
+# %% ../nbs/19_monitor.ipynb #c017_00e
+def _group_dict(by, k, n, ok, err, fb, retried, retries, hits, lat_sum, lat_n, cost, tin, tout, t0, t1) -> dict:
+    "One group's window metrics from its sums (percentiles, feedback and consistency filled in later)."
+    return dict(zip(by, k), requests=n, successes=ok, success_rate=ok / n, error_rate=1 - ok / n, errors=err,
+                fallbacks=fb, fallback_rate=fb / n, retry_rate=retried / n, retries=retries, cache_hits=hits,
+                cache_hit_rate=hits / n, latency_avg_ms=lat_sum / lat_n if lat_n else None, latency_p50_ms=None,
+                latency_p95_ms=None, latency_p99_ms=None, cost_usd=cost or 0.0, cost_per_call_usd=(cost or 0.0) / n,
+                tokens_in=tin or 0, tokens_out=tout or 0, first_ts=t0, last_ts=t1, error_types={},
+                feedback_labels=0, accuracy=None, feedback_scores=0, satisfaction=None,
+                consistency=None, consistency_calls=0)
+
+def _rollup_sums(con, since, until, task, by) -> dict[tuple, list]:
+    "Per group: the `_PRIM` sums and first / last timestamp over the whole minutes plus the raw edges."
+    m0, m1 = _edges(since, until); ks = _key_sql(by); nk = len(by); acc: dict[tuple, list] = {}
+    rw, rargs = _rollup_where(m0, m1, task); ew, eargs = _edge_where(since, until, m0, m1, task)
+    queries = [(f"SELECT {ks}{', '.join(f'SUM({c})' for c in _PRIM)}, MIN(t0), MAX(t1) FROM rollup WHERE {rw}"
+                + (f" GROUP BY {ks.rstrip(', ')}" if by else ""), rargs)] if m1 > m0 else []
+    queries.append((f"SELECT {ks}{rollup_row_sums('', 'SUM')}, MIN(ts), MAX(ts) FROM calls WHERE {ew}"
+                    + (f" GROUP BY {ks.rstrip(', ')}" if by else ""), eargs))
+    for q, args in queries:
+        for r in con.execute(q, args):
+            k, v = tuple(r[:nk]), list(r[nk:])
+            if not v[0]: continue
+            a = acc.get(k)
+            if a is None: acc[k] = v; continue
+            for i in range(len(_PRIM)): a[i] = (a[i] or 0) + (v[i] or 0)
+            a[-2], a[-1] = min(a[-2], v[-2]), max(a[-1], v[-1])
+    return acc
+
+def _hist_percentile(hist:dict, p:float) -> float|None:
+    "The `p`-th percentile from a {bucket: count} latency histogram: the geometric middle of its bucket."
+    total = sum(hist.values())
+    if not total: return None
+    rank, seen = math.floor((total - 1) * p / 100), 0
+    for b in sorted(hist):
+        seen += hist[b]
+        if seen > rank:
+            lo, hi = (LAT_UPPERS[b - 1] if b else LAT_MIN_MS / LAT_RATIO), LAT_UPPERS[b]
+            return lo if hi == float("inf") else math.sqrt(lo * hi)
+
+def _rollup_latencies(out, con, since, until, task, by):
+    m0, m1 = _edges(since, until); ks = _key_sql(by); nk = len(by); hists: dict[tuple, dict] = {}
+    h0, h1 = -(-m0 // 60), m1 // 60                  # whole hours inside the whole minutes
+    parts = ([("rollup_lat_h", "hour", h0, h1), ("rollup_lat", "minute", m0, h0 * 60),
+              ("rollup_lat", "minute", h1 * 60, m1)] if h1 > h0 else [("rollup_lat", "minute", m0, m1)])
+    for table, col, a, b in parts:
+        if b <= a: continue
+        rw, rargs = _rollup_where(a, b, task)
+        q = f"SELECT {ks}b, SUM(n) FROM {table} WHERE {rw.replace('minute', col)} GROUP BY {ks}b"
+        for r in con.execute(q, rargs):
+            h = hists.setdefault(tuple(r[:nk]), {}); h[r[nk]] = h.get(r[nk], 0) + r[nk + 1]
+    ew, eargs = _edge_where(since, until, m0, m1, task)
+    for r in con.execute(f"SELECT {ks}latency_ms FROM calls WHERE {ew} AND latency_ms IS NOT NULL", eargs):
+        h = hists.setdefault(tuple(r[:nk]), {}); b = bisect.bisect_left(LAT_UPPERS, r[nk]); h[b] = h.get(b, 0) + 1
+    for k, h in hists.items():
+        if k in out: out[k].update({f"latency_p{q}_ms": _hist_percentile(h, q) for q in (50, 95, 99)})
+
+def _rollup_error_types(out, con, since, until, task, by):
+    m0, m1 = _edges(since, until); ks = _key_sql(by); nk = len(by)
+    ew, eargs = _edge_where(since, until, m0, m1, task)
+    qs = [(f"""SELECT {ks}CASE WHEN success = 0 THEN COALESCE(error_type, 'error') ELSE 'fallback' END AS et, COUNT(*)
+              FROM calls WHERE {ew} AND (success = 0 OR fallback = 1) GROUP BY {ks}et""", eargs)]
+    if m1 > m0:
+        rw, rargs = _rollup_where(m0, m1, task)
+        qs.append((f"SELECT {ks}error_type, SUM(n) FROM rollup_err WHERE {rw} GROUP BY {ks}error_type", rargs))
+    for q, args in qs:
+        for r in con.execute(q, args):
+            k = tuple(r[:nk])
+            if k in out: et = out[k]["error_types"]; et[r[nk]] = et.get(r[nk], 0) + r[nk + 1]
+
+_LATEST_SINCE = """(SELECT request_id, {col} FROM (SELECT request_id, {col}, ROW_NUMBER() OVER
+                   (PARTITION BY request_id ORDER BY id DESC) AS rn FROM feedback
+                   WHERE ts > ? AND {col} IS NOT NULL) WHERE rn = 1)"""
+
+def _rollup_feedback(out, con, since, until, task, by):
+    "Accuracy and satisfaction driven from the feedback rows (feedback on a call comes after it, so ts > since)."
+    ks = _key_sql(by).replace("IFNULL(", "IFNULL(c."); nk = len(by)
+    cw, cargs = _where(since, until, task, "c.")
+    grp = f" GROUP BY {ks.rstrip(', ')}" if by else ""
+    for col, agg, keys in (("correct_label", "SUM(c.label = f.correct_label)", ("feedback_labels", "accuracy")),
+                           ("score", "AVG(f.score)", ("feedback_scores", "satisfaction"))):
+        q = (f"SELECT {ks}COUNT(*), {agg} FROM {_LATEST_SINCE.format(col=col)} f "
+             f"CROSS JOIN calls c ON c.request_id = f.request_id WHERE {cw}{grp}")
+        for r in con.execute(q, [since] + cargs):
+            k, (n, v) = tuple(r[:nk]), r[nk:]
+            if k in out and n:
+                out[k].update({keys[0]: n, keys[1]: _ratio(v, n) if col == "correct_label" else v})
+
+def _rollup_consistency(out, con, since, until, task, by, limit:int):
+    "Label agreement among the latest `limit` labelled calls of the window that share an input."
+    ks = _key_sql(by); nk = len(by); w, args = _where(since, until, task); cons: dict[tuple, list] = {}
+    for r in con.execute(f"""SELECT {ks}same, label, COUNT(*) FROM (SELECT task, version, label,
+            COALESCE(input_hash, request_id) AS same FROM calls WHERE {w} AND label IS NOT NULL AND fallback = 0
+            ORDER BY ts DESC LIMIT ?) GROUP BY {ks}same, label ORDER BY {ks}same""", args + [int(limit)]):
+        cons.setdefault(tuple(r[:nk]), []).append(r[nk:])
+    for k, lst in cons.items():
+        agree = total = 0
+        for _, g in groupby(lst, key=lambda x: x[0]):
+            counts = [c for _, _, c in g]
+            if sum(counts) >= 2: agree += max(counts); total += sum(counts)
+        if k in out: out[k].update(consistency=_ratio(agree, total), consistency_calls=total)
+
+def _aggregate_rollups(con, since, until, task, by, consistency_calls:int=10_000,
+                       light:bool=False) -> dict[tuple, dict]:
+    "`_aggregate` for a large window: from the rollups and the raw edges."
+    out = {k: _group_dict(by, k, *v) for k, v in _rollup_sums(con, since, until, task, by).items()}
+    if out:
+        _rollup_latencies(out, con, since, until, task, by); _rollup_error_types(out, con, since, until, task, by)
+        if not light:
+            _rollup_feedback(out, con, since, until, task, by)
+            _rollup_consistency(out, con, since, until, task, by, consistency_calls)
+    res = {}
+    for k, g in out.items():
+        uk = _unkey(k, by); g.update(zip(by, uk)); res[uk] = g
+    return res
+
+
 # %% ../nbs/19_monitor.ipynb #c017
-def _aggregate(con, since:float, until:float, task:str|None, by:tuple) -> dict[tuple, dict]:
+def _aggregate(con, since:float, until:float, task:str|None, by:tuple,
+               exact_max:int|None=None, # Above this many calls in the window, read the rollups (None: always exact)
+               consistency_calls:int=10_000,
+               light:bool=False # Counts, rates and latencies only (no feedback, no consistency)
+              ) -> dict[tuple, dict]:
     "Window metrics grouped by the columns `by` (() = everything), keyed by the group's values."
+    if exact_max is not None and rollup_calls(con, since, until, task) > exact_max:
+        return _aggregate_rollups(con, since, until, task, by, consistency_calls, light)
     w, args = _where(since, until, task)
     out = _counts(con, w, args, by)
     if out:
         _add_latencies(out, con, w, args, by); _add_error_types(out, con, w, args, by)
-        _add_feedback(out, con, since, until, task, by); _add_consistency(out, con, w, args, by)
+        if not light: _add_feedback(out, con, since, until, task, by); _add_consistency(out, con, w, args, by)
     return out
 
 # %% ../nbs/19_monitor.ipynb #c021
@@ -125,11 +283,15 @@ def summary(settings:Settings|str|Path|None=None,
     p = db_path(s); flush_pending(p)
     con = connect(p)
     try:
-        overall = _aggregate(con, since, until, task, ()).get((), None)
-        groups = sorted(_aggregate(con, since, until, task, ("task", "version")).values(),
+        overall = _aggregate(con, since, until, task, (), **_reading(s)).get((), None)
+        groups = sorted(_aggregate(con, since, until, task, ("task", "version"), **_reading(s)).values(),
                         key=lambda g: (g["task"] or "", g["version"] or 0))
     finally: con.close()
     return dict(since=since, until=until, hours=h, task=task, db=str(p), overall=overall or _empty(), groups=groups)
+
+def _reading(s:Settings) -> dict:
+    "How `_aggregate` reads a window under these settings: exact up to `exact_max_calls`, else from the rollups."
+    return dict(exact_max=s.monitor.exact_max_calls, consistency_calls=s.monitor.consistency_calls)
 
 def _empty() -> dict:
     return dict(requests=0, successes=0, success_rate=None, error_rate=None, errors=0, fallbacks=0, fallback_rate=None,
@@ -145,6 +307,27 @@ def _auto_bucket(hours:float) -> float:
         if hours * 60 / m <= 60: return m * 60.0
     return 1440 * 60.0
 
+def _series_rollups(con, since:float, until:float, task:str|None, step:float, nb:int) -> list[dict]:
+    "`timeseries` of a large window from the rollups (each whole minute counts in the bucket its start falls in)."
+    m0, m1 = _edges(since, until); rw, rargs = _rollup_where(m0, m1, task)
+    acc = [dict(n=0, ok=0, cost=0.0, hits=0, hist={}) for _ in range(nb)]
+    at = lambda t: acc[min(nb - 1, max(0, int((t - since) // step)))]
+    if m1 > m0:
+        for m, n, ok, cost, hits in con.execute(f"SELECT minute, SUM(n), SUM(ok), SUM(cost), SUM(hits) FROM rollup "
+                                                f"WHERE {rw} GROUP BY minute", rargs):
+            a = at(m * 60.0); a["n"] += n; a["ok"] += ok; a["cost"] += cost or 0.0; a["hits"] += hits or 0
+        for m, b, n in con.execute(f"SELECT minute, b, SUM(n) FROM rollup_lat WHERE {rw} GROUP BY minute, b", rargs):
+            h = at(m * 60.0)["hist"]; h[b] = h.get(b, 0) + n
+    ew, eargs = _edge_where(since, until, m0, m1, task)
+    for ts, lat, bad, cost, hit in con.execute(f"SELECT ts, latency_ms, (success = 0 OR fallback = 1), cost_usd, "
+                                               f"cache_hit FROM calls WHERE {ew}", eargs):
+        a = at(ts); a["n"] += 1; a["ok"] += 1 - (bad or 0); a["cost"] += cost or 0.0; a["hits"] += hit or 0
+        if lat is not None: b = bisect.bisect_left(LAT_UPPERS, lat); a["hist"][b] = a["hist"].get(b, 0) + 1
+    return [dict(t=since + i * step, requests=a["n"], failures=a["n"] - a["ok"],
+                 error_rate=_ratio(a["n"] - a["ok"], a["n"]),
+                 latency_p50_ms=_hist_percentile(a["hist"], 50), latency_p95_ms=_hist_percentile(a["hist"], 95),
+                 cost_usd=a["cost"], cache_hits=a["hits"]) for i, a in enumerate(acc)]
+
 def timeseries(settings:Settings|str|Path|None=None, hours:float|None=None, task:str|None=None,
                bucket_minutes:float|None=None, now:float|None=None) -> list[dict]:
     "Per time bucket: requests, failures, error rate, latency p50/p95, cost (every bucket, empty ones too)."
@@ -153,11 +336,14 @@ def timeseries(settings:Settings|str|Path|None=None, hours:float|None=None, task
     step = bucket_minutes * 60.0 if bucket_minutes else _auto_bucket(h)
     p = db_path(s); flush_pending(p)
     w, args = _where(since, until, task)
-    con = connect(p)
-    try: rows = con.execute(f"SELECT ts, latency_ms, (success = 0 OR fallback = 1), cost_usd, cache_hit FROM calls "
-                            f"WHERE {w} ORDER BY ts", args).fetchall()
-    finally: con.close()
     nb = max(1, math.ceil((until - since) / step))
+    con = connect(p)
+    try:
+        if step % 60 == 0 and rollup_calls(con, since, until, task) > s.monitor.exact_max_calls:
+            return _series_rollups(con, since, until, task, step, nb)
+        rows = con.execute(f"SELECT ts, latency_ms, (success = 0 OR fallback = 1), cost_usd, cache_hit FROM calls "
+                           f"WHERE {w} ORDER BY ts", args).fetchall()
+    finally: con.close()
     buckets = [[] for _ in range(nb)]
     for r in rows: buckets[min(nb - 1, int((r[0] - since) // step))].append(r)
     out = []
@@ -238,8 +424,9 @@ def _rule_alerts(g:dict, a) -> list[Alert]:
 def _trend_windows(s:Settings, sm:dict, task:str|None) -> tuple[dict, dict]:
     "Per task and version: the aggregates of the window's last hour, and of the rest of the window."
     con = connect(db_path(s))
-    try: return (_aggregate(con, sm["until"] - 3600, sm["until"], task, ("task", "version")),
-                 _aggregate(con, sm["since"], sm["until"] - 3600, task, ("task", "version")))
+    k = ("task", "version")
+    try: return (_aggregate(con, sm["until"] - 3600, sm["until"], task, k, **_reading(s), light=True),
+                 _aggregate(con, sm["since"], sm["until"] - 3600, task, k, **_reading(s), light=True))
     finally: con.close()
 
 def _trend_alert(r:dict|None, e:dict|None, a, min_calls:int) -> Alert|None:
@@ -487,9 +674,8 @@ def _total_families(s:Settings) -> list:
     from prometheus_client.core import CounterMetricFamily
     p = db_path(s); flush_pending(p)
     con = connect(p)
-    try: totals = con.execute("SELECT task, version, CASE WHEN success = 0 THEN 'error' WHEN fallback = 1 THEN "
-                              "'fallback' ELSE 'success' END, COUNT(*), SUM(cost_usd) FROM calls "
-                              "GROUP BY 1, 2, 3").fetchall()
+    try: totals = con.execute("SELECT NULLIF(task, ''), NULLIF(version, -1), outcome, SUM(n), SUM(cost) FROM totals "
+                              "GROUP BY 1, 2, 3").fetchall()      # the trigger's all-time counters, not a scan
     finally: con.close()
     calls = CounterMetricFamily("promptsys_calls", "Pipeline calls recorded, all time",
                                 labels=["task", "version", "outcome"])
@@ -525,29 +711,55 @@ def _window_families(s:Settings, sm:dict) -> list:
 
 # %% ../nbs/19_monitor.ipynb #c085
 class MonitorCollector:
-    "A prometheus-client collector over the metrics store (reads SQLite at each scrape)."
-    def __init__(self, settings:Settings|str|Path|None=None, hours:float|None=None):
-        self.settings, self.hours = _settings(settings), hours
+    "A prometheus-client collector over the metrics store (read at each scrape, or a snapshot refreshed in the background)."
+    def __init__(self, settings:Settings|str|Path|None=None, hours:float|None=None,
+                 refresh_seconds:float|None=None): # Recompute this often in a daemon thread (None: at each scrape)
+        self.settings, self.hours, self.refresh = _settings(settings), hours, refresh_seconds
+        self._snapshot, self._lock, self._thread = None, threading.Lock(), None
     def describe(self): return []          # no scrape at registration
+    def families(self) -> list:
+        "Read the store now: the all-time counters and the window's gauges and alerts."
+        sm = summary(self.settings, hours=self.hours)
+        return [*_total_families(self.settings), *_window_families(self.settings, sm)]
     def collect(self):
-        yield from _total_families(self.settings)
-        yield from _window_families(self.settings, summary(self.settings, hours=self.hours))
+        if not self.refresh: yield from self.families(); return
+        with self._lock:
+            if self._snapshot is None: self._snapshot = self.families()      # the first scrape computes it
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="promptsys-metrics-exporter", daemon=True)
+                self._thread.start()
+            snap = self._snapshot
+        yield from snap
 
-def _registry(settings, hours=None):
+@patch
+def _loop(self:MonitorCollector):
+    while True:
+        time.sleep(self.refresh)
+        try: snap = self.families()
+        except Exception as e:
+            log.warning("metrics exporter: refresh failed, serving the last snapshot: %s", e); continue
+        with self._lock: self._snapshot = snap
+
+def _registry(settings, hours=None, refresh_seconds=None):
     from prometheus_client import CollectorRegistry
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(MonitorCollector(settings, hours))
+    reg.register(MonitorCollector(settings, hours, refresh_seconds))
     return reg
 
 def prometheus_text(settings:Settings|str|Path|None=None, hours:float|None=None) -> str:
-    "The Prometheus text exposition of the metrics store."
+    "The Prometheus text exposition of the metrics store (read now)."
     from prometheus_client import generate_latest
     return generate_latest(_registry(settings, hours)).decode()
 
-def serve_metrics(port:int, settings:Settings|str|Path|None=None, addr:str="127.0.0.1", hours:float|None=None):
+def serve_metrics(port:int, settings:Settings|str|Path|None=None, addr:str="127.0.0.1", hours:float|None=None,
+                  in_process:bool=False # This process's (or its workers') instruments instead of the store's numbers
+                 ):
     "Serve `/metrics` for Prometheus on `addr:port` (in a daemon thread); returns (server, thread)."
     from prometheus_client import start_http_server
-    return start_http_server(port, addr=addr, registry=_registry(settings, hours))
+    s = _settings(settings)
+    reg = prometheus_registry() if in_process else _registry(s, hours, s.monitor.scrape_refresh_seconds)
+    return start_http_server(port, addr=addr, registry=reg)
+
 
 # %% ../nbs/19_monitor.ipynb #c090
 def alerts_text(alerts:list[Alert], # From `check_alerts`, or from `evaluate_alerts` with `dry_run`
