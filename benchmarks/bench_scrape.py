@@ -4,9 +4,11 @@ A metrics store is filled with `--rows` calls spread over the last 24 h (2 tasks
 shadow answers, feedback on 1%), written through `metrics.connect`, so the rollup trigger maintains the per-minute
 aggregates as a service's writer would. Then, in the same process and alternating:
 
-* scrape: `monitor.prometheus_text` (the exporter `promptsys metrics --serve` runs: all-time counters from the
-  `totals` table, the window's gauges and the alert rules) — with the rollups (default settings) and with
-  `[monitor] exact_max_calls` above the row count, which is the full-table scan it replaces;
+* scrape: an HTTP GET of `/metrics` from the exporter `promptsys metrics --serve` runs (`monitor.serve_metrics`: it
+  serves a snapshot that a background thread recomputes every `scrape_refresh_seconds`), against the full-table scan
+  it replaces (`monitor.prometheus_text` with `[monitor] exact_max_calls` above the row count: what a scrape did
+  before); the snapshot's own computation (`snapshot_ms`: all-time counters from the `totals` table, the window's
+  gauges and the alert rules, read from the rollups) is what the background thread spends per refresh;
 * dashboard: `monitor.dashboard_text` (summary, alert rules incl. the latency trend, table) the same two ways;
 * in-process scrape: `generate_latest` of the `prometheus_client` instruments fed by the store's listener
   (`[monitor] prometheus = true`), whose cost does not depend on the store at all.
@@ -69,18 +71,28 @@ def main(argv=None) -> int:
         st(dict(ts=now, task=("sentiment", "extraction")[i % 2], version=1 + (i // 2) % 2, model="gpt-4o-mini",
                 latency_ms=150.0, success=1, fallback=0, cost_usd=2e-4, tokens_in=120, tokens_out=4, role="primary"))
     st.flush()
-    res = dict(scrape_ms=[], raw_scrape_ms=[], dashboard_ms=[], raw_dashboard_ms=[], inprocess_scrape_ms=[])
+    import socket, urllib.request
+    with socket.socket() as sk: sk.bind(("127.0.0.1", 0)); port = sk.getsockname()[1]
+    t = time.perf_counter(); server, _ = monitor.serve_metrics(port, ours); prime_ms = (time.perf_counter() - t) * 1000
+    scrape = lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60).read()
+    assert b"promptsys_calls_total" in scrape()
+    res = dict(scrape_ms=[], raw_scrape_ms=[], snapshot_ms=[], dashboard_ms=[], raw_dashboard_ms=[],
+               inprocess_scrape_ms=[])
     for r in range(a.rounds):
         for name, s in ((("", ours), ("raw_", raw)) if r % 2 == 0 else (("raw_", raw), ("", ours))):
-            res[f"{name}scrape_ms"].append(timed(lambda: monitor.prometheus_text(s)))
+            if name: res["raw_scrape_ms"].append(timed(lambda: monitor.prometheus_text(s)))
+            else:
+                res["scrape_ms"].append(timed(scrape))
+                res["snapshot_ms"].append(timed(lambda: monitor.prometheus_text(s)))
             res[f"{name}dashboard_ms"].append(timed(lambda: monitor.dashboard_text(s, rollouts=False)))
         res["inprocess_scrape_ms"].append(timed(lambda: generate_latest(metrics.prometheus_registry())))
+    server.shutdown()
     # the two readings agree on the numbers (percentiles within 5%)
     so, sr = monitor.summary(ours, now=now), monitor.summary(raw, now=now)
     same = all(so["overall"][k] == sr["overall"][k] for k in ("requests", "errors", "fallbacks", "cache_hits", "feedback_labels"))
     p95_err = abs(so["overall"]["latency_p95_ms"] / sr["overall"]["latency_p95_ms"] - 1)
     med = {k: round(statistics.median(v), 1) for k, v in res.items()}
-    out = dict(rows=a.rows, fill_s=round(fill_s, 1), db_mb=round(db.stat().st_size / 2 ** 20, 1), rounds=a.rounds, **med,
+    out = dict(rows=a.rows, fill_s=round(fill_s, 1), exporter_start_ms=round(prime_ms, 1), db_mb=round(db.stat().st_size / 2 ** 20, 1), rounds=a.rounds, **med,
                scrape_speedup=round(med["raw_scrape_ms"] / med["scrape_ms"], 1),
                dashboard_speedup=round(med["raw_dashboard_ms"] / med["dashboard_ms"], 1),
                counts_equal=same, p95_relative_error=round(p95_err, 4), samples=res,

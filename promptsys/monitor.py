@@ -721,14 +721,18 @@ class MonitorCollector:
         "Read the store now: the all-time counters and the window's gauges and alerts."
         sm = summary(self.settings, hours=self.hours)
         return [*_total_families(self.settings), *_window_families(self.settings, sm)]
-    def collect(self):
-        if not self.refresh: yield from self.families(); return
+    def prime(self) -> "MonitorCollector":
+        "Compute the first snapshot now and start the background refresh, so that no scrape ever waits on SQL."
         with self._lock:
-            if self._snapshot is None: self._snapshot = self.families()      # the first scrape computes it
-            if self._thread is None:
+            if self._snapshot is None: self._snapshot = self.families()
+            if self._thread is None and self.refresh:
                 self._thread = threading.Thread(target=self._loop, name="promptsys-metrics-exporter", daemon=True)
                 self._thread.start()
-            snap = self._snapshot
+        return self
+    def collect(self):
+        if not self.refresh: yield from self.families(); return
+        if self._snapshot is None: self.prime()        # not primed: the first scrape computes it
+        with self._lock: snap = self._snapshot
         yield from snap
 
 @patch
@@ -757,7 +761,11 @@ def serve_metrics(port:int, settings:Settings|str|Path|None=None, addr:str="127.
     "Serve `/metrics` for Prometheus on `addr:port` (in a daemon thread); returns (server, thread)."
     from prometheus_client import start_http_server
     s = _settings(settings)
-    reg = prometheus_registry() if in_process else _registry(s, hours, s.monitor.scrape_refresh_seconds)
+    if in_process: reg = prometheus_registry()
+    else:
+        from prometheus_client import CollectorRegistry
+        reg = CollectorRegistry(auto_describe=False)
+        reg.register(MonitorCollector(s, hours, s.monitor.scrape_refresh_seconds or None).prime())
     return start_http_server(port, addr=addr, registry=reg)
 
 

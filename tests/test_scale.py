@@ -144,3 +144,21 @@ def test_served_exporter_scrapes_a_snapshot_refreshed_in_the_background(tmp_path
         if calls(generate_latest(reg).decode()) == 4_000: break
         time.sleep(0.05)
     assert calls(generate_latest(reg).decode()) == 4_000
+
+
+def test_served_exporter_is_primed_before_it_listens(tmp_path, monkeypatch):
+    "`serve_metrics` computes the first snapshot before it accepts a scrape: no scrape ever runs the window's SQL."
+    import socket, urllib.request
+    now = time.time(); db = tmp_path / "m.db"; fill(db, 2_000, now)
+    s = load_settings(overrides={"monitor.db_path": str(db), "alerts.budget_used": "0",
+                                 "monitor.scrape_refresh_seconds": "3600"})
+    with socket.socket() as sk: sk.bind(("127.0.0.1", 0)); port = sk.getsockname()[1]
+    server, _ = monitor.serve_metrics(port, s)
+    try:
+        body = []
+        steps = vm_steps(monkeypatch, lambda: body.append(
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()))
+        assert steps == 0
+        total = sum(float(l.split()[-1]) for l in body[0].splitlines() if l.startswith("promptsys_calls_total"))
+        assert total == 2_000
+    finally: server.shutdown()
