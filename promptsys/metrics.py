@@ -18,8 +18,9 @@ alerts_log = logging.getLogger("promptsys.alerts")
 # %% auto #0
 __all__ = ['log', 'alerts_log', 'COLUMNS', 'ROLLUP_VERSION', 'LAT_RATIO', 'LAT_MIN_MS', 'LAT_BUCKETS', 'LAT_UPPERS', 'MAX_QUEUE',
            'LATENCY_BUCKETS_S', 'alert_callbacks', 'percentile', 'rollup_row_sums', 'connect', 'MetricsStore',
-           'prometheus_listener', 'prometheus_registry', 'metrics_store', 'db_path', 'flush_pending', 'record_feedback',
-           'record_event', 'events', 'on_alert', 'Alert', 'fire', 'raise_alert', 'watch_budget', 'TraceSink']
+           'prometheus_listener', 'prometheus_registry', 'metrics_store', 'db_path', 'flush_pending', 'prune',
+           'record_feedback', 'record_event', 'events', 'on_alert', 'Alert', 'fire', 'raise_alert', 'watch_budget',
+           'TraceSink']
 
 # %% ../nbs/14_metrics.ipynb #c006
 def percentile(xs:list, # Numbers in any order (None values are skipped)
@@ -197,6 +198,9 @@ class MetricsStore:
         self.flush_seconds, self.batch_size = max(0.01, float(flush_seconds)), max(1, int(batch_size))
         self.written = self.dropped = 0
         self.listeners: list = []     # callables(list of records) called by the writer after each committed batch
+        self.max_output_chars = 0       # cap on a record's `output` (0: none); `metrics_store` sets it from settings
+        self.retention: dict|None = None  # `prune` arguments the writer applies every `every` seconds (None: never)
+        self._pruned_at = time.time()   # the first prune comes `every` seconds after the store starts
         self._init_state()
         connect(self.path).close()      # create the schema now: a bad path fails here, not on the writer
         _all_stores.add(self)
@@ -238,11 +242,23 @@ def _run(self:MetricsStore, stop:threading.Event):
     failing = False
     while not stop.is_set():
         self._wake.wait(self.flush_seconds); self._wake.clear()
-        try: self._drain(); failing = False
+        try:
+            self._drain(); failing = False
+            ret = self.retention
+            if ret and time.time() - self._pruned_at >= ret.get("every", 3600):
+                self._pruned_at = time.time()
+                prune(self.path, ret.get("calls_days", 0), ret.get("rollup_days", 0))
         except Exception as e:
             if not failing: log.warning("metrics store %s: write failed, will retry: %s", self.path, redact(str(e)))
             failing = True
             while len(self._q) > MAX_QUEUE: self._q.popleft(); self.dropped += 1
+
+# %% ../nbs/14_metrics.ipynb #c026_cap1
+def _cap_outputs(batch:list, cap:int):
+    "Cut every record's `output` longer than `cap` characters (saying how much was cut)."
+    for r in batch:
+        o = r.get("output")
+        if isinstance(o, str) and len(o) > cap: r["output"] = f"{o[:cap]}…[{len(o) - cap:,} more chars]"
 
 # %% ../nbs/14_metrics.ipynb #c027
 @patch
@@ -256,6 +272,7 @@ def _drain(self:MetricsStore) -> int:
                 while len(batch) < self.batch_size: batch.append(q.popleft())
             except IndexError: pass
             self._inflight = len(batch)
+            if self.max_output_chars: _cap_outputs(batch, self.max_output_chars)
             try:
                 if self._con is None: self._con = connect(self.path)
                 try: self._write([tuple(map(r.get, COLUMNS)) for r in batch])      # fast path: plain values
@@ -380,6 +397,10 @@ def metrics_store(settings:Settings|str|Path|None=None) -> MetricsStore:
                 if str(s.monitor.get("tracing", False)).lower() in ("1", "true", "yes", "on"):
                     st.listeners.append(TraceSink(s))
                 if s.monitor.prometheus: st.listeners.append(prometheus_listener)
+                st.max_output_chars = s.monitor.output_max_chars
+                if s.monitor.retention_days > 0 or s.monitor.rollup_retention_days > 0:
+                    st.retention = dict(calls_days=s.monitor.retention_days, every=s.monitor.prune_seconds,
+                                        rollup_days=s.monitor.rollup_retention_days)
                 _stores[p] = st
     return st
 
@@ -395,6 +416,44 @@ def flush_pending(db:str|Path # A metrics database file
     "Write this process's queued records for `db` now, so a query sees them; returns how many this call wrote."
     st = _stores.get(str(Path(db).resolve()))
     return st.flush() if st is not None else 0     # flush waits for a batch the writer is committing
+
+# %% ../nbs/14_metrics.ipynb #c054_r1
+def _delete_chunked(con, table:str, where:str, args:list, chunk:int) -> int:
+    "Delete the rows of `table` matching `where`, `chunk` rows per write transaction; returns how many."
+    n = 0
+    while True:
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            k = con.execute(f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE {where} LIMIT ?)",
+                            [*args, chunk]).rowcount
+            con.execute("COMMIT")
+        except BaseException: con.execute("ROLLBACK"); raise
+        n += k
+        if k < chunk: return n
+
+def prune(db:str|Path, # A metrics database file
+          calls_days:float=0, # Keep raw call rows and feedback this many days (0: forever)
+          rollup_days:float=0, # Keep rollups, events and the alert log this many days (0: forever)
+          chunk:int=5000, # Rows per delete transaction
+          now:float|None=None) -> dict:
+    "Delete what is older than the retention, in short transactions; returns the rows deleted per kind and seconds."
+    t, now = time.perf_counter(), time.time() if now is None else now
+    con = connect(db); out = dict(calls=0, feedback=0, rollup=0, other=0)
+    try:
+        if calls_days > 0:
+            cut = now - calls_days * 86400
+            out["calls"] = _delete_chunked(con, "calls", "ts < ?", [cut], chunk)
+            out["feedback"] = _delete_chunked(con, "feedback", "ts < ?", [cut], chunk)
+        if rollup_days > 0:
+            cut = now - rollup_days * 86400
+            for table, col, unit in (("rollup", "minute", 60), ("rollup_lat", "minute", 60),
+                                     ("rollup_err", "minute", 60), ("rollup_lat_h", "hour", 3600)):
+                out["rollup"] += _delete_chunked(con, table, f"{col} < ?", [cut // unit], chunk)
+            for table in ("events", "alert_log"): out["other"] += _delete_chunked(con, table, "ts < ?", [cut], chunk)
+    finally: con.close()
+    out["seconds"] = round(time.perf_counter() - t, 4)
+    return out
+
 
 # %% ../nbs/14_metrics.ipynb #c056
 def _task_labels(task:str, s:Settings) -> list:

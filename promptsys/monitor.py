@@ -263,13 +263,34 @@ def _aggregate(con, since:float, until:float, task:str|None, by:tuple,
               ) -> dict[tuple, dict]:
     "Window metrics grouped by the columns `by` (() = everything), keyed by the group's values."
     if exact_max is not None and rollup_calls(con, since, until, task) > exact_max:
-        return _aggregate_rollups(con, since, until, task, by, consistency_calls, light)
-    w, args = _where(since, until, task)
-    out = _counts(con, w, args, by)
-    if out:
-        _add_latencies(out, con, w, args, by); _add_error_types(out, con, w, args, by)
-        if not light: _add_feedback(out, con, since, until, task, by); _add_consistency(out, con, w, args, by)
+        out = _aggregate_rollups(con, since, until, task, by, consistency_calls, light)
+    else:
+        w, args = _where(since, until, task)
+        out = _counts(con, w, args, by)
+        if out:
+            _add_latencies(out, con, w, args, by); _add_error_types(out, con, w, args, by)
+            if not light: _add_feedback(out, con, since, until, task, by); _add_consistency(out, con, w, args, by)
+    if out: _add_throughput(out, con, since, until, task, by)
     return out
+
+# %% ../nbs/19_monitor.ipynb #c017_t1
+def _add_throughput(out:dict, con, since:float, until:float, task:str|None, by:tuple):
+    "Each group's `throughput_rps` (between its first and last call) and `peak_rps` (its busiest minute / 60)."
+    m0, m1 = _edges(since, until); ks = _key_sql(by); nk = len(by); per: dict[tuple, dict] = {}
+    qs = []
+    if m1 > m0:
+        rw, rargs = _rollup_where(m0, m1, task)
+        qs.append((f"SELECT {ks}minute, SUM(n) FROM rollup WHERE {rw} GROUP BY {ks}minute", rargs))
+    ew, eargs = _edge_where(since, until, m0, m1, task)
+    qs.append((f"SELECT {ks}CAST(ts / 60 AS INTEGER) AS mm, COUNT(*) FROM calls WHERE {ew} GROUP BY {ks}mm", eargs))
+    for q, args in qs:
+        for r in con.execute(q, args):
+            d = per.setdefault(_unkey(tuple(r[:nk]), by), {}); d[r[nk]] = d.get(r[nk], 0) + r[nk + 1]
+    for k, g in out.items():
+        n, t0, t1, mins = g["requests"], g["first_ts"], g["last_ts"], per.get(k)
+        g["throughput_rps"] = (n - 1) / (t1 - t0) if n > 1 and t1 > t0 else None
+        g["peak_rps"] = max(mins.values()) / 60 if mins else None
+
 
 # %% ../nbs/19_monitor.ipynb #c021
 def summary(settings:Settings|str|Path|None=None,
@@ -298,7 +319,8 @@ def _empty() -> dict:
                 retry_rate=None, retries=0, cache_hits=0, cache_hit_rate=None, latency_avg_ms=None, latency_p50_ms=None,
                 latency_p95_ms=None, latency_p99_ms=None, cost_usd=0.0, cost_per_call_usd=None, tokens_in=0,
                 tokens_out=0, first_ts=None, last_ts=None, error_types={}, feedback_labels=0, accuracy=None,
-                feedback_scores=0, satisfaction=None, consistency=None, consistency_calls=0)
+                feedback_scores=0, satisfaction=None, consistency=None, consistency_calls=0,
+                throughput_rps=None, peak_rps=None)
 
 # %% ../nbs/19_monitor.ipynb #c027
 def _auto_bucket(hours:float) -> float:
@@ -398,6 +420,7 @@ RULES = ("error_rate", "p95_latency", "accuracy", "latency_trend", "budget")   #
 
 def _pct(x): return "n/a" if x is None else f"{100 * x:.1f}%"
 def _ms(x): return "n/a" if x is None else (f"{x / 1000:.2f}s" if x >= 1000 else f"{x:.0f}ms")
+def _rps(x): return "n/a" if x is None else f"{x:,.2f} req/s"
 
 # %% ../nbs/19_monitor.ipynb #c041
 def _rule_alerts(g:dict, a) -> list[Alert]:
@@ -548,6 +571,7 @@ def dashboard_lines(sm:dict, alerts:list[Alert], plain:bool=False) -> list[str]:
     lat = "n/a" if o["latency_avg_ms"] is None else f"{_ms(o['latency_avg_ms'])} (p95 {_ms(o['latency_p95_ms'])})"
     items = [f"Requests: {o['requests']:,}", f"Success: {_pct(o['success_rate'])}", f"Avg latency: {lat}",
              f"Avg accuracy: {acc}"]
+    if o.get("throughput_rps") is not None: items.insert(1, f"Throughput: {_rps(o['throughput_rps'])}")
     if o["satisfaction"] is not None:
         items.append(f"Satisfaction: {o['satisfaction']:.2f} ({o['feedback_scores']:,} scores)")
     items.append(f"Cost: {_money(o['cost_usd'])}")
@@ -559,9 +583,11 @@ def dashboard_lines(sm:dict, alerts:list[Alert], plain:bool=False) -> list[str]:
 # %% ../nbs/19_monitor.ipynb #c071
 def breakdown_table(sm:dict) -> str:
     "Per task and version: the window's metrics as a text table."
-    cols = ["task", "ver", "requests", "success", "p50", "p95", "p99", "fallback", "retry", "cache", "cost", "$/call",
-            "accuracy", "satisf.", "consist."]
-    rows = [[g["task"], f"v{g['version']}", f"{g['requests']:,}", _pct(g["success_rate"]), _ms(g["latency_p50_ms"]),
+    cols = ["task", "ver", "requests", "req/s", "peak/s", "success", "p50", "p95", "p99", "fallback", "retry", "cache",
+            "cost", "$/call", "accuracy", "satisf.", "consist."]
+    num = lambda x: "n/a" if x is None else f"{x:,.2f}"
+    rows = [[g["task"], f"v{g['version']}", f"{g['requests']:,}", num(g.get("throughput_rps")), num(g.get("peak_rps")),
+             _pct(g["success_rate"]), _ms(g["latency_p50_ms"]),
              _ms(g["latency_p95_ms"]), _ms(g["latency_p99_ms"]), _pct(g["fallback_rate"]), _pct(g["retry_rate"]),
              _pct(g["cache_hit_rate"]), _money(g["cost_usd"]), f"${g['cost_per_call_usd']:.6f}", _pct(g["accuracy"]),
              "n/a" if g["satisfaction"] is None else f"{g['satisfaction']:.2f}", _pct(g["consistency"])]
@@ -688,7 +714,7 @@ def _total_families(s:Settings) -> list:
 
 # %% ../nbs/19_monitor.ipynb #c084
 _GAUGES = ("requests", "success_rate", "error_rate", "fallback_rate", "retry_rate", "cache_hit_rate", "cost_usd",
-           "cost_per_call_usd", "accuracy", "satisfaction", "consistency")
+           "cost_per_call_usd", "accuracy", "satisfaction", "consistency", "throughput_rps", "peak_rps")
 
 def _window_families(s:Settings, sm:dict) -> list:
     "The window gauges of a `summary`, its exact latency quantiles, and the alert rules raised now."
@@ -711,7 +737,7 @@ def _window_families(s:Settings, sm:dict) -> list:
 
 # %% ../nbs/19_monitor.ipynb #c085
 class MonitorCollector:
-    "A prometheus-client collector over the metrics store (read at each scrape, or a snapshot refreshed in the background)."
+    "A prometheus-client collector over the metrics store (read at each scrape, or a snapshot refreshed in background)."
     def __init__(self, settings:Settings|str|Path|None=None, hours:float|None=None,
                  refresh_seconds:float|None=None): # Recompute this often in a daemon thread (None: at each scrape)
         self.settings, self.hours, self.refresh = _settings(settings), hours, refresh_seconds
