@@ -18,7 +18,8 @@ __all__ = ['COMMANDS', 'GROUPS', 'set_overrides', 'settings_from_args', 'command
            'configure_stage', 'cmd_stage', 'configure_history', 'cmd_history', 'configure_diff', 'cmd_diff',
            'configure_ui', 'cmd_ui', 'configure_rollout', 'configure_schedule', 'schedule_text', 'cmd_schedule',
            'configure_dashboard', 'cmd_dashboard', 'configure_feedback', 'cmd_feedback', 'configure_alerts',
-           'cmd_alerts', 'configure_metrics', 'cmd_metrics', 'configure_shared', 'cmd_shared']
+           'cmd_alerts', 'configure_metrics', 'cmd_metrics', 'configure_logs', 'cmd_logs', 'configure_prune',
+           'cmd_prune', 'configure_shared', 'cmd_shared']
 
 # %% ../nbs/21_cli.ipynb #c006
 def set_overrides(a:argparse.Namespace) -> dict:
@@ -48,7 +49,7 @@ GROUPS = {
     "evaluate": ["eval", "diff"],
     "promote": ["promote", "rollback", "stage", "history", "rollout"],
     "schedule": ["schedule", "ui"],
-    "monitor": ["dashboard", "feedback", "alerts", "metrics"],
+    "monitor": ["dashboard", "logs", "feedback", "alerts", "metrics", "prune"],
     "scale-out": ["shared"],
 }
 
@@ -565,6 +566,44 @@ def cmd_metrics(a) -> int:
 
 COMMANDS["metrics"] = ("print or serve the Prometheus exposition of the metrics store",
     configure_metrics, cmd_metrics)
+
+# %% ../nbs/21_cli.ipynb #c052_l1
+def configure_logs(p):
+    p.add_argument("task", nargs="?", help="only this task (all tasks when left out)")
+    p.add_argument("--request-id", help="one call, with every field and its feedback")
+    p.add_argument("--version", type=int, help="only this version")
+    p.add_argument("--errors", action="store_true", help="only failed calls (errors and fallbacks)")
+    p.add_argument("--since", help="look back this far: 90s, 30m, 1h, 2d")
+    p.add_argument("--limit", type=int, default=50, help="at most this many calls, newest first (default 50)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+def cmd_logs(a) -> int:
+    "List calls from the metrics store, or show one by its request id."
+    from promptsys.monitor import call_log, logs_text
+    rows = call_log(settings_from_args(a), a.task, a.request_id, a.version, a.errors, a.since, a.limit)
+    if a.json: print("\n".join(json.dumps(r, default=str) for r in rows))
+    else: print(logs_text(rows, detail=bool(a.request_id)))
+    return 0 if rows or not a.request_id else 1
+
+COMMANDS["logs"] = ("the call log: recent calls, one request, failures", configure_logs, cmd_logs)
+
+def configure_prune(p):
+    p.add_argument("--days", type=float, help="keep raw calls this many days (default [monitor] retention_days)")
+    p.add_argument("--rollup-days", type=float, help="keep rollups this many days (default rollup_retention_days)")
+
+def cmd_prune(a) -> int:
+    "Delete what is past retention from the metrics store now (the store's writer also does it every hour)."
+    from promptsys.metrics import db_path, prune
+    s = settings_from_args(a)
+    days = s.monitor.retention_days if a.days is None else a.days
+    rdays = s.monitor.rollup_retention_days if a.rollup_days is None else a.rollup_days
+    if days < 0 or rdays < 0:
+        raise InputValidationError("retention days must be 0 (keep forever) or more", "Pass e.g. --days 30.")
+    print(json.dumps(prune(db_path(s), days, rdays)))
+    return 0
+
+COMMANDS["prune"] = ("delete calls and rollups past retention from the metrics store", configure_prune, cmd_prune)
+
 
 # %% ../nbs/21_cli.ipynb #c056
 def configure_shared(p): p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -4,11 +4,11 @@
 
 # %% ../nbs/19_monitor.ipynb #c003
 from __future__ import annotations
-import bisect, html, io, json, logging, math, threading, time, unicodedata
+import bisect, html, io, json, logging, math, re, threading, time, unicodedata
 from itertools import accumulate, groupby
 from pathlib import Path
 from fastcore.basics import patch
-from .errors import PromptsysError
+from .errors import InputValidationError, PromptsysError
 from .config import Settings, get_settings, load_settings
 from .metrics import (Alert, LAT_MIN_MS, LAT_RATIO, LAT_UPPERS, connect, db_path, fire, flush_pending, percentile,
                                prometheus_registry, rollup_row_sums)
@@ -16,10 +16,10 @@ from .metrics import (Alert, LAT_MIN_MS, LAT_RATIO, LAT_UPPERS, connect, db_path
 log = logging.getLogger("promptsys.monitor")
 
 # %% auto #0
-__all__ = ['log', 'MIN_CALLS', 'MIN_FEEDBACK', 'RULES', 'rollup_calls', 'summary', 'timeseries', 'figures', 'budget_status',
-           'evaluate_alerts', 'check_alerts', 'fired_alerts', 'dashboard_lines', 'breakdown_table', 'running_rollouts',
-           'rollout_html', 'shown_alerts', 'dashboard_text', 'dashboard_html', 'MonitorCollector', 'prometheus_text',
-           'serve_metrics', 'alerts_text']
+__all__ = ['log', 'MIN_CALLS', 'MIN_FEEDBACK', 'RULES', 'LOG_COLUMNS', 'rollup_calls', 'summary', 'timeseries', 'figures',
+           'budget_status', 'evaluate_alerts', 'check_alerts', 'fired_alerts', 'dashboard_lines', 'breakdown_table',
+           'running_rollouts', 'rollout_html', 'shown_alerts', 'dashboard_text', 'parse_since', 'call_log', 'logs_text',
+           'dashboard_html', 'MonitorCollector', 'prometheus_text', 'serve_metrics', 'alerts_text']
 
 # %% ../nbs/19_monitor.ipynb #c008
 def _settings(settings) -> Settings:
@@ -649,6 +649,86 @@ def dashboard_text(settings:Settings|str|Path|None=None, hours:float|None=None, 
     if rollouts: parts += [j.to_text() for j in running_rollouts(s, task)]
     return "\n\n".join(parts)
 
+# %% ../nbs/19_monitor.ipynb #c081_l1
+LOG_COLUMNS = ("ts", "request_id", "task", "version", "role", "model", "latency_ms", "success", "fallback",
+               "error_type", "cache_hit", "retries", "cost_usd", "output")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+def parse_since(since:str|float|int|None) -> float|None:
+    "Seconds in a look-back such as '90s', '30m', '1h', '2d' or a plain number of seconds (None: no limit)."
+    if since is None or since == "": return None
+    txt = str(since).strip().lower()
+    try: secs = float(txt[:-1]) * _UNITS[txt[-1]] if txt and txt[-1] in _UNITS else float(txt)
+    except ValueError: secs = float("nan")
+    if not math.isfinite(secs) or secs <= 0:
+        raise InputValidationError(f"cannot read the look-back {since!r}",
+                                   "Give a positive duration such as 90s, 30m, 1h or 2d.")
+    return secs
+
+def call_log(settings:Settings|str|Path|None=None,
+             task:str|None=None, # Only this task
+             request_id:str|None=None, # Only this request (its primary call, retries' shadow and feedback)
+             version:int|None=None, # Only this version
+             errors:bool=False, # Only failed calls (errors and fallbacks)
+             since:str|float|None=None, # Look-back: '1h', '30m', '2d' or seconds
+             limit:int=50, # At most this many calls, newest first
+             now:float|None=None) -> list[dict]:
+    "Calls from the metrics store, newest first, with the feedback recorded on each."
+    if not isinstance(limit, int) or limit < 1:
+        raise InputValidationError(f"limit must be a positive whole number, not {limit!r}", "Pass e.g. --limit 50.")
+    secs = parse_since(since)
+    s = _settings(settings); p = db_path(s); flush_pending(p)
+    w, args = ["1 = 1"], []
+    for col, v in (("task", task), ("request_id", request_id), ("version", version)):
+        if v is not None: w.append(f"{col} = ?"); args.append(v)
+    if errors: w.append("(success = 0 OR fallback = 1)")
+    if secs is not None: w.append("ts > ?"); args.append((time.time() if now is None else now) - secs)
+    con = connect(p)
+    try:
+        rows = [dict(zip(LOG_COLUMNS, r)) for r in con.execute(
+            f"SELECT {', '.join(LOG_COLUMNS)} FROM calls WHERE {' AND '.join(w)} ORDER BY ts DESC, id DESC LIMIT ?",
+            [*args, limit])]
+        ids = sorted({r["request_id"] for r in rows if r["request_id"]})
+        fb: dict[str, list] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            for rid, ts, score, label, note in con.execute(
+                    f"SELECT request_id, ts, score, correct_label, note FROM feedback WHERE request_id IN "
+                    f"({', '.join('?' * len(chunk))}) ORDER BY ts", chunk):
+                fb.setdefault(rid, []).append(dict(ts=ts, score=score, correct_label=label, note=note))
+    finally: con.close()
+    for r in rows:
+        r["success"], r["fallback"], r["cache_hit"] = bool(r["success"]), bool(r["fallback"]), bool(r["cache_hit"])
+        r["feedback"] = fb.get(r["request_id"], [])
+    return rows
+
+
+# %% ../nbs/19_monitor.ipynb #c081_l3
+def _outcome(r:dict) -> str:
+    if r["success"]: return "fallback" if r["fallback"] else "ok"
+    return r["error_type"] or "error"
+
+def logs_text(rows:list[dict], # From `call_log`
+              detail:bool=False, # Every field of each call (what `--request-id` shows)
+              width:int=60) -> str: # Outputs are cut to this many characters in the one-line form
+    "The call log as `promptsys logs` prints it."
+    from datetime import datetime, timezone
+    if not rows: return "(no calls match)"
+    stamp = lambda t: datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    if detail:
+        out = []
+        for r in rows:
+            out += [f"{k:>11}: {stamp(r[k]) + ' UTC' if k == 'ts' else r[k]}" for k in LOG_COLUMNS]
+            kinds = ("score", "correct_label", "note")
+            out += [f"   feedback: {stamp(f['ts'])} " + ", ".join(f"{k}={f[k]}" for k in kinds if f[k] is not None)
+                    for f in r["feedback"]]
+            out.append("")
+        return "\n".join(out).rstrip()
+    cut = lambda o: "" if o is None else (o if len(o) <= width else o[:width - 1] + "…")
+    return "\n".join(f"{stamp(r['ts'])}  {r['request_id'] or '-':<14} v{r['version']} {r['role'] or 'primary':<7} "
+                     f"{_outcome(r):<16} {_ms(r['latency_ms']):>7}  {cut(r['output'])}" for r in rows)
+
+
 # %% ../nbs/19_monitor.ipynb #c078
 def _png64(fig) -> str:
     import base64
@@ -660,6 +740,29 @@ table{border-collapse:collapse;font-size:13px;margin:8px 0 16px}
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f2f2f2}
 td:first-child,th:first-child{text-align:left}.ok{color:#2a7a2a}.warn{color:#b35900}.crit{color:#b00020}
 pre{background:#f7f7f7;padding:12px;font-size:13px;line-height:1.25}img{display:block;margin:8px 0;max-width:100%}"""
+
+# %% ../nbs/19_monitor.ipynb #c078_l
+def _logs_html(s:Settings, sm:dict, stamp, n:int=20) -> str:
+    "Each version's 'View logs' link, and the sections they point to: its latest calls and its latest failures."
+    e, links, parts = html.escape, [], []
+    for g in sm["groups"]:
+        if g["task"] is None: continue
+        anchor = f"logs-{re.sub(r'[^A-Za-z0-9_-]', '-', g['task'])}-v{g['version']}"
+        links.append(f'<li>{e(g["task"])} v{g["version"]}: <a href="#{anchor}">View logs</a> '
+                     f'({g["requests"]:,} calls, {g["errors"] + g["fallbacks"]:,} failed)</li>')
+        latest = call_log(s, g["task"], version=g["version"], limit=n, now=sm["until"])
+        failed = call_log(s, g["task"], version=g["version"], errors=True, limit=n, now=sm["until"])
+        for i, (title, rows) in enumerate((("latest calls", latest), ("latest failures", failed))):
+            body = "".join(f"<tr><td>{stamp(r['ts'])}</td><td>{e(str(r['request_id']))}</td><td>{e(r['role'] or '')}"
+                           f"</td><td>{e(_outcome(r))}</td><td>{_ms(r['latency_ms'])}</td><td style='text-align:left'>"
+                           f"{e((r['output'] or '')[:200])}</td></tr>" for r in rows)
+            body = body or "<tr><td colspan=6>none</td></tr>"
+            parts.append(f"<h3{'' if i else f' id={anchor!r}'}>{e(g['task'])} v{g['version']}: {title}</h3>"
+                         "<table><tr><th>when</th><th>request</th><th>role</th><th>outcome</th><th>latency</th>"
+                         f"<th>output</th></tr>{body}</table>")
+    if not links: return ""
+    return f"<ul>{''.join(links)}</ul><h2>Call logs</h2>" + "".join(parts)
+
 
 # %% ../nbs/19_monitor.ipynb #c079
 def dashboard_html(path:str|Path, # Where to write the page
@@ -689,6 +792,7 @@ def dashboard_html(path:str|Path, # Where to write the page
         f"<pre>{e(_box(dashboard_lines(sm, alerts, plain=True)))}</pre>", f"<h2>Alerts</h2><ul>{al}</ul>",
         "<h2>Alerts delivered in the window</h2><table><tr><th>when</th><th>severity</th><th>key</th><th>message</th>"
         f"</tr>{log_}</table>", f"<h2>Per task and version</h2><pre>{e(breakdown_table(sm))}</pre>",
+        _logs_html(s, sm, stamp),
         *(rollout_html(j) for j in (running_rollouts(s, task) if rollouts else [])), imgs,
         "</body></html>"])
     p = Path(path); p.parent.mkdir(parents=True, exist_ok=True); p.write_text(page, encoding="utf-8")
