@@ -395,3 +395,67 @@ def test_mlflow_tracing_optional(server, tmp_path):
     assert sp.span_type == "LLM" and sp.name == "sentiment.v2"
     assert sp.attributes["promptsys.label"] == rs[0].label
     assert (sp.end_time_ns - sp.start_time_ns) / 1e6 == pytest.approx(rs[0].latency_ms, abs=0.01)
+
+
+def test_throughput_matches_a_known_request_rate(server, tmp_path):
+    "Real pipeline calls paced at 25 per second for 8 s: the dashboard's throughput is that rate within 5%."
+    s = settings_for(tmp_path, server)
+    p = Pipeline("sentiment", 2, settings=s)
+    rate, n = 25.0, 200
+    t0 = time.perf_counter()
+    for i in range(n):
+        wait = t0 + i / rate - time.perf_counter()
+        if wait > 0: time.sleep(wait)
+        assert p.run(DATA[i % len(DATA)]["text"], request_id=f"paced-{i}").ok
+    g = monitor.summary(s, hours=1)["groups"][0]
+    assert g["requests"] == n
+    assert g["throughput_rps"] == pytest.approx(rate, rel=0.05), g["throughput_rps"]
+    assert g["peak_rps"] <= rate * 1.05          # no minute busier than the pace (8 s fit in one or two minutes)
+    text = monitor.dashboard_text(s, hours=1)
+    assert re.search(r"Throughput: 2[45]\.\d\d req/s", text), text
+    prom = monitor.prometheus_text(s, hours=1)
+    assert re.search(r'promptsys_window_throughput_rps\{task="sentiment",version="2",window="1h"\} 2[45]\.', prom)
+
+
+def test_a_call_is_found_by_request_id_with_its_output_and_no_secret(server, tmp_path):
+    "The answer of one call through HTTP, found with `promptsys logs --request-id` in another process."
+    key = "sk-test-" + "9" * 24
+    env_key = "PROMPTSYS_TEST_LOGS_KEY"
+    os.environ[env_key] = key
+    try:
+        ov = overrides(tmp_path, server, **{"openai.api_key_env": env_key})
+        s = load_settings(ROOT / "settings.ini", overrides=ov)
+        r = Pipeline("sentiment", 2, settings=s).run(DATA[0]["text"], request_id="find-me-1")
+        assert r.ok
+        metrics.metrics_store(s).flush()
+        out = cli(ov, "logs", "sentiment", "--request-id", "find-me-1").stdout
+        assert "request_id: find-me-1" in out and f"output: {json.dumps(r.output, separators=(',', ':'))}" in out
+        assert key not in out and key not in (tmp_path / "m.db").read_bytes().decode("latin-1")
+        rows = [json.loads(l) for l in cli(ov, "logs", "sentiment", "--json").stdout.splitlines()]
+        assert [x["request_id"] for x in rows] == ["find-me-1"] and rows[0]["output"] == json.dumps(r.output, separators=(",", ":"))
+    finally: os.environ.pop(env_key, None)
+
+
+def test_pruning_keeps_the_store_bounded_under_a_steady_write_load(tmp_path):
+    """A writer thread adds 20 calls every 10 ms for 6 s while the store prunes every 0.5 s with a 2 s retention:
+    the raw rows stay bounded, every record written is either still there or was pruned as too old (none lost),
+    and the rollups still count every call."""
+    db = tmp_path / "m.db"
+    st = metrics.MetricsStore(db, flush_seconds=0.05, batch_size=500)
+    st.retention = dict(calls_days=2 / 86400, rollup_days=0, every=0.5)
+    sizes, stop, sent = [], time.time() + 6, 0
+    while time.time() < stop:
+        for _ in range(20):
+            st(dict(ts=time.time(), request_id=f"w{sent}", task="t", version=1, success=1, fallback=0,
+                    latency_ms=10.0, role="primary", retries=0, cache_hit=0, cost_usd=0.0)); sent += 1
+        time.sleep(0.01)
+        if sent % 400 == 0: sizes.append(sql(db, "SELECT COUNT(*) FROM calls")[0][0])
+    st.close()
+    assert st.written == sent and st.dropped == 0
+    left = sql(db, "SELECT COUNT(*), MIN(ts) FROM calls")[0]
+    ids = {r[0] for r in sql(db, "SELECT request_id FROM calls")}
+    assert ids == {f"w{i}" for i in range(sent - len(ids), sent)}      # what is left is the newest, gap-free
+    assert sql(db, "SELECT SUM(n) FROM rollup")[0][0] == sent           # the aggregates count every call
+    rate = sent / 6
+    assert max(sizes[len(sizes) // 2:]) < rate * 3.5, (sizes, rate)    # retention 2 s + prune period 0.5 s + slack
+    assert left[0] < sent / 2
