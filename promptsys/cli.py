@@ -523,14 +523,15 @@ COMMANDS["dashboard"] = ("print the monitoring dashboard (last 24 h), optionally
 def configure_feedback(p):
     p.add_argument("request_id"); p.add_argument("--label", help="the correct label")
     p.add_argument("--score", type=float, help="satisfaction in [0, 1]"); p.add_argument("--note", default="")
+    p.add_argument("--expected", help="the whole expected answer: a JSON object (json tasks) or the text (text tasks)")
 
 def cmd_feedback(a) -> int:
     "Record user feedback on one call."
     from promptsys.metrics import record_feedback
-    print(json.dumps(record_feedback(a.request_id, a.score, a.label, settings_from_args(a), a.note)))
+    print(json.dumps(record_feedback(a.request_id, a.score, a.label, settings_from_args(a), a.note, a.expected)))
     return 0
 
-COMMANDS["feedback"] = ("record user feedback (correct label and/or score) on a call",
+COMMANDS["feedback"] = ("record user feedback (correct label, expected answer and/or score) on a call",
     configure_feedback, cmd_feedback)
 
 # %% ../nbs/21_cli.ipynb #c051

@@ -51,7 +51,7 @@ CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts);
 CREATE INDEX IF NOT EXISTS calls_task_ts ON calls(task, version, ts);
 CREATE INDEX IF NOT EXISTS calls_request ON calls(request_id);
 CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY, ts REAL NOT NULL, request_id TEXT NOT NULL,
-  score REAL, correct_label TEXT, note TEXT);
+  score REAL, correct_label TEXT, note TEXT, expected TEXT);
 CREATE INDEX IF NOT EXISTS feedback_request ON feedback(request_id);
 CREATE INDEX IF NOT EXISTS feedback_ts ON feedback(ts);
 CREATE TABLE IF NOT EXISTS alert_state (key TEXT PRIMARY KEY, last_fired REAL NOT NULL,
@@ -65,6 +65,7 @@ CREATE INDEX IF NOT EXISTS events_kind_ts ON events(kind, ts);
 _INSERT = f"INSERT INTO calls ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 # columns added after the first release: a database made before them gets them on its next connect
 _ADDED = {"role": "TEXT", "output": "TEXT"}
+_ADDED_FEEDBACK = {"expected": "TEXT"}
 
 # %% ../nbs/14_metrics.ipynb #c013_771
 ROLLUP_VERSION = 2          # PRAGMA user_version once the rollup tables, trigger and backfill are in place
@@ -166,12 +167,13 @@ def connect(db_path:str|Path) -> sqlite3.Connection:
         con = sqlite3.connect(str(p), timeout=30, check_same_thread=False, isolation_level=None)
         con.execute("PRAGMA journal_mode=WAL"); con.execute("PRAGMA synchronous=NORMAL")
         con.executescript(_SCHEMA)
-        have = {r[1] for r in con.execute("PRAGMA table_info(calls)")}
-        for col, kind in _ADDED.items():
-            if col not in have:
-                try: con.execute(f"ALTER TABLE calls ADD COLUMN {col} {kind}")
-                except sqlite3.OperationalError as e:            # another process added it meanwhile
-                    if "duplicate column" not in str(e): raise
+        for table, added in (("calls", _ADDED), ("feedback", _ADDED_FEEDBACK)):
+            have = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+            for col, kind in added.items():
+                if col not in have:
+                    try: con.execute(f"ALTER TABLE {table} ADD COLUMN {col} {kind}")
+                    except sqlite3.OperationalError as e:            # another process added it meanwhile
+                        if "duplicate column" not in str(e): raise
         _ensure_rollups(con)
     except (OSError, sqlite3.Error) as e:
         raise ConfigError(f"cannot open the metrics database {str(p)!r}: {e}",
@@ -456,11 +458,41 @@ def prune(db:str|Path, # A metrics database file
 
 
 # %% ../nbs/14_metrics.ipynb #c056
-def _task_labels(task:str, s:Settings) -> list:
+def _task_output(task:str, s:Settings):
+    "The task's `OutputSchema` (None when the task cannot be loaded here)."
     try:
         from promptsys.prompts import load_task
-        return list(load_task(task, s.promptsys.prompts_dir).output.labels or [])
-    except PromptsysError: return []
+        return load_task(task, s.promptsys.prompts_dir).output
+    except PromptsysError: return None
+
+def _expected_json(expected, kind:str|None, task:str|None) -> str:
+    "An expected answer as the feedback table stores it: JSON of an object (json tasks) or of a string."
+    if kind == "json" and isinstance(expected, str):
+        try: expected = json.loads(expected)
+        except ValueError:
+            raise InputValidationError(f"the expected answer for task {task} is not JSON: {expected[:80]!r}",
+                                       "Pass the whole expected JSON object, e.g. '{\"category\": \"bug\"}'.") from None
+    if kind == "json" and not isinstance(expected, dict):
+        raise InputValidationError(f"the expected answer for json task {task} must be a JSON object",
+                                   "Pass the object the model should have answered.")
+    if kind == "text" and not isinstance(expected, str):
+        raise InputValidationError(f"the expected answer for text task {task} must be text", "Pass the expected text.")
+    if not isinstance(expected, (str, dict, list)):
+        raise InputValidationError(f"cannot use {type(expected).__name__} as an expected answer",
+                                   "Pass a JSON object (json tasks) or the expected text.")
+    return json.dumps(expected, sort_keys=True, ensure_ascii=False)
+
+def _norm_text(x:str) -> str: return " ".join(str(x).casefold().split())
+
+def _matches(output:str|None, expected:str) -> bool|None:
+    "Whether a stored output equals a stored expected answer (objects exactly, text up to case and spaces)."
+    if output is None: return False
+    try: got, want = json.loads(output), json.loads(expected)
+    except ValueError: return None
+    if isinstance(want, str):
+        vals = list(got.values()) if isinstance(got, dict) and len(got) == 1 else [got]
+        return isinstance(vals[0], str) and _norm_text(vals[0]) == _norm_text(want)
+    return got == want
 
 def _check_score(score) -> float|None:
     if score is None: return None
@@ -476,31 +508,44 @@ def record_feedback(request_id:str, # The `request_id` of the call (from `Result
                     score:float|None=None, # User satisfaction in [0, 1]
                     correct_label:str|None=None, # What the answer should have been
                     settings:Settings|str|Path|None=None,
-                    note:str="") -> dict:
+                    note:str="",
+                    expected=None # The whole expected answer: a dict for json tasks, the text for text tasks
+                   ) -> dict:
     "Store feedback on one call; returns what was stored and whether the call's answer was correct."
-    if score is None and correct_label is None:
-        raise InputValidationError("feedback needs a score or a correct_label",
-                                   "Pass score=0..1 and/or correct_label=...")
+    if score is None and correct_label is None and expected is None:
+        raise InputValidationError("feedback needs a score, a correct_label or an expected answer",
+                                   "Pass score=0..1, correct_label=... (label tasks) or expected=... (any task).")
     score = _check_score(score)
     s = _settings(settings)
     p = db_path(s); flush_pending(p)
     con = connect(p)
     try:
-        call = con.execute("SELECT task, version, label FROM calls WHERE request_id = ? AND role IS NOT 'shadow' "
-                           "ORDER BY id DESC LIMIT 1", (request_id,)).fetchone()
+        call = con.execute("SELECT task, version, label, output FROM calls WHERE request_id = ? AND role IS NOT "
+                           "'shadow' ORDER BY id DESC LIMIT 1", (request_id,)).fetchone()
+        schema = _task_output(call[0], s) if call else None
+        kind = schema.kind if schema else None
+        if expected is not None and kind == "label" and correct_label is None:     # a label task's expected answer
+            correct_label, expected = (expected.get(schema.field) if isinstance(expected, dict) else expected), None
+        if correct_label is not None and kind in ("json", "text"):
+            raise InputValidationError(f"task {call[0]} answers {kind}, so feedback has no single label",
+                                       "Pass the whole expected answer instead (expected=..., --expected).")
         if call and correct_label is not None:
-            labels = _task_labels(call[0], s)
+            labels = list(schema.labels or []) if schema else []
             if labels and correct_label not in labels:
                 raise InputValidationError(f"{correct_label!r} is not a label of task {call[0]}: {', '.join(labels)}",
                                            "Pass one of the task's labels.")
-        con.execute("INSERT INTO feedback (ts, request_id, score, correct_label, note) VALUES (?, ?, ?, ?, ?)",
-                    (time.time(), request_id, score, correct_label, note))
+        exp = None if expected is None else _expected_json(expected, kind, call[0] if call else None)
+        con.execute("INSERT INTO feedback (ts, request_id, score, correct_label, note, expected) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (time.time(), request_id, score, correct_label, note, exp))
     finally: con.close()
     if call is None: log.warning("feedback for request id %s, which has no record (yet): stored; it counts once the "
                                  "call's record is there", request_id)
-    task, version, label = call or (None, None, None)
+    task, version, label, output = call or (None, None, None, None)
+    correct = None if call is None else (label == correct_label if correct_label is not None
+                                         else _matches(output, exp) if exp is not None else None)
     return dict(request_id=request_id, task=task, version=version, label=label, correct_label=correct_label,
-                score=score, correct=None if correct_label is None or call is None else label == correct_label)
+                expected=None if exp is None else json.loads(exp), score=score, correct=correct)
 
 # %% ../nbs/14_metrics.ipynb #c062_2
 def record_event(kind:str, # What happened, e.g. 'alias_refresh_error'

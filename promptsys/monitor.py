@@ -91,6 +91,9 @@ def _add_feedback(out:dict, con, since:float, until:float, task:str|None, by:tup
             LEFT JOIN {fs} fs ON fs.request_id = c.request_id WHERE {cw}{cgrp}""", args):
         k, (nl, good, ns, sat) = tuple(r[:nk]), r[nk:]
         if k in out: out[k].update(feedback_labels=nl, accuracy=_ratio(good, nl), feedback_scores=ns, satisfaction=sat)
+    fe = _LATEST.format(col="expected")
+    _add_expected(out, con.execute(f"""SELECT {csel}c.output, fe.expected FROM calls c JOIN {fe} fe
+            ON fe.request_id = c.request_id WHERE {cw}""", args), nk)
 
 def _add_consistency(out:dict, con, w:str, args:list, by:tuple):
     "Each group's label agreement among calls that share an input (`input_hash`, else `request_id`)."
@@ -104,6 +107,38 @@ def _add_consistency(out:dict, con, w:str, args:list, by:tuple):
             counts = [c for _, _, c in g]
             if sum(counts) >= 2: agree += max(counts); total += sum(counts)
         out[k].update(consistency=_ratio(agree, total), consistency_calls=total)
+
+# %% ../nbs/19_monitor.ipynb #c016_e1
+def _score_expected(output:str|None, expected:str) -> tuple[float, float, dict]:
+    "One call against its expected answer: (exact 0/1, quality in [0, 1], per-field 0/1 for an object)."
+    from promptsys.evaluation import token_f1
+    want = json.loads(expected)
+    try: got = json.loads(output) if output is not None else None
+    except ValueError: got = None
+    if isinstance(want, dict):
+        fields = {k: float(isinstance(got, dict) and got.get(k) == v) for k, v in want.items()}
+        return float(got == want), (sum(fields.values()) / len(fields) if fields else float(got == want)), fields
+    text = next(iter(got.values())) if isinstance(got, dict) and len(got) == 1 else got
+    if not isinstance(text, str): return 0.0, 0.0, {}
+    norm = lambda x: " ".join(x.casefold().split())
+    return float(norm(text) == norm(str(want))), token_f1(text, str(want)), {}
+
+def _add_expected(out:dict, rows, nk:int):
+    "Fold expected-answer feedback (rows of group key + output + expected) into each group's accuracy and quality."
+    acc: dict[tuple, list] = {}
+    for r in rows:
+        a = acc.setdefault(tuple(r[:nk]), [0, 0.0, 0.0, {}])
+        exact, quality, fields = _score_expected(r[nk], r[nk + 1])
+        a[0] += 1; a[1] += exact; a[2] += quality
+        for f, v in fields.items(): a[3].setdefault(f, []).append(v)
+    for k, g in out.items():
+        g.setdefault("feedback_expected", 0); g.setdefault("feedback_quality", None); g.setdefault("field_accuracy", {})
+        if k not in acc: continue
+        n, exact, quality, fields = acc[k]
+        nl = g["feedback_labels"]; good = (g["accuracy"] or 0.0) * nl
+        g.update(feedback_labels=nl + n, accuracy=(good + exact) / (nl + n), feedback_expected=n,
+                 feedback_quality=quality / n, field_accuracy={f: sum(v) / len(v) for f, v in sorted(fields.items())})
+
 
 # %% ../nbs/19_monitor.ipynb #c017_342
 _PRIM = ("n", "ok", "err", "fb", "retried", "retries", "hits", "lat_sum", "lat_n", "cost", "tin", "tout")
@@ -225,6 +260,9 @@ def _rollup_feedback(out, con, since, until, task, by):
             k, (n, v) = tuple(r[:nk]), r[nk:]
             if k in out and n:
                 out[k].update({keys[0]: n, keys[1]: _ratio(v, n) if col == "correct_label" else v})
+    fe = _LATEST_SINCE.format(col="expected")
+    _add_expected(out, con.execute(f"SELECT {ks}c.output, f.expected FROM {fe} f CROSS JOIN calls c "
+                                   f"ON c.request_id = f.request_id WHERE {cw}", [since] + cargs), nk)
 
 def _rollup_consistency(out, con, since, until, task, by, limit:int):
     "Label agreement among the latest `limit` labelled calls of the window that share an input."
@@ -320,7 +358,7 @@ def _empty() -> dict:
                 latency_p95_ms=None, latency_p99_ms=None, cost_usd=0.0, cost_per_call_usd=None, tokens_in=0,
                 tokens_out=0, first_ts=None, last_ts=None, error_types={}, feedback_labels=0, accuracy=None,
                 feedback_scores=0, satisfaction=None, consistency=None, consistency_calls=0,
-                throughput_rps=None, peak_rps=None)
+                throughput_rps=None, peak_rps=None, feedback_expected=0, feedback_quality=None, field_accuracy={})
 
 # %% ../nbs/19_monitor.ipynb #c027
 def _auto_bucket(hours:float) -> float:
@@ -818,7 +856,8 @@ def _total_families(s:Settings) -> list:
 
 # %% ../nbs/19_monitor.ipynb #c084
 _GAUGES = ("requests", "success_rate", "error_rate", "fallback_rate", "retry_rate", "cache_hit_rate", "cost_usd",
-           "cost_per_call_usd", "accuracy", "satisfaction", "consistency", "throughput_rps", "peak_rps")
+           "cost_per_call_usd", "accuracy", "satisfaction", "consistency", "throughput_rps", "peak_rps",
+           "feedback_quality")
 
 def _window_families(s:Settings, sm:dict) -> list:
     "The window gauges of a `summary`, its exact latency quantiles, and the alert rules raised now."

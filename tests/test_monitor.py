@@ -459,3 +459,32 @@ def test_pruning_keeps_the_store_bounded_under_a_steady_write_load(tmp_path):
     rate = sent / 6
     assert max(sizes[len(sizes) // 2:]) < rate * 3.5, (sizes, rate)    # retention 2 s + prune period 0.5 s + slack
     assert left[0] < sent / 2
+
+
+def test_feedback_driven_accuracy_for_a_json_task(tmp_path):
+    """Calls of the shipped json task `classification` (two versions), reviewers' expected answers given with
+    `promptsys feedback --expected` (the first two in other processes) or `record_feedback`: accuracy, per-field accuracy and quality per version in
+    `promptsys dashboard --json`, and the min_accuracy alert fires for the worse version."""
+    ov = {"promptsys.state_dir": str(tmp_path), "monitor.db_path": str(tmp_path / "m.db"), "alerts.min_accuracy": "0.6"}
+    s = load_settings(ROOT / "settings.ini", overrides=ov)
+    st = metrics.MetricsStore(tmp_path / "m.db", flush_seconds=3600)
+    cats, now = ["billing", "bug", "account", "shipping", "refund"], time.time()
+    truth = {f"t{i}": {"category": cats[i % 5], "priority": ("low", "high")[i % 2]} for i in range(20)}
+    for i, (rid, t) in enumerate(truth.items()):
+        v = 1 + i % 2                     # v1 answers every ticket right; v2 gets the priority wrong on 6 of its 10
+        out = dict(t, priority=("high" if t["priority"] == "low" else "low") if v == 2 and i % 10 < 6 else t["priority"])
+        st(dict(ts=now - 60 + i, request_id=rid, task="classification", version=v, role="primary", success=1, fallback=0,
+                latency_ms=100.0, retries=0, cache_hit=0, cost_usd=0.0, label=out["category"], output=json.dumps(out)))
+    st.close()
+    for i, (rid, t) in enumerate(truth.items()):
+        if i < 2: r = json.loads(cli(ov, "feedback", rid, "--expected", json.dumps(t)).stdout)     # another process
+        else: r = metrics.record_feedback(rid, expected=t, settings=s)
+        assert r["task"] == "classification" and r["expected"] == t
+    bad = cli(ov, "feedback", "t0", "--label", "billing", check=False)
+    assert bad.returncode == 2 and "no single label" in bad.stderr and "Traceback" not in bad.stderr
+    groups = {g["version"]: g for g in json.loads(cli(ov, "dashboard", "--json").stdout)["groups"]}
+    assert (groups[1]["accuracy"], groups[1]["field_accuracy"]) == (1.0, {"category": 1.0, "priority": 1.0})
+    assert (groups[2]["accuracy"], groups[2]["field_accuracy"]) == (0.4, {"category": 1.0, "priority": 0.4})
+    assert groups[2]["feedback_quality"] == pytest.approx(0.7) and groups[2]["feedback_labels"] == 10
+    keys = [a.key for a in monitor.evaluate_alerts(s)]
+    assert "accuracy:classification:v2" in keys and "accuracy:classification:v1" not in keys, keys
