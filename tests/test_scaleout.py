@@ -337,6 +337,26 @@ def test_breaker_store_updates_are_atomic_and_run_fn_once(links):
     assert stores[0].get("breaker:x") == {"n": 100} and len(calls) == 100
 
 
+def test_breaker_failure_rate_counts_every_replica_s_calls_on_redis(links):
+    """Issue 6, the rate verdict on Redis: replica a's successes (written at most once a second) count in replica b's
+    failure rate, so b opens at 13 failures of 26 calls, not 10 of 10; a state stored by the previous version
+    (no "calls") is read as it is."""
+    from promptsys.shared import RedisStore
+    from promptsys.breaker import CircuitBreaker
+    from promptsys.errors import ProviderError
+    boom = ProviderError("500 from the model server", retryable=True, status=500)
+    key = links[0].key("breaker:ep")
+    links[0].client.set(key, json.dumps({"state": "closed", "failures": [], "opened_at": 0.0, "probes": 0, "probe_at": 0.0}))
+    a, b = (CircuitBreaker("ep", 0, 10, 60, store=RedisStore(link), failure_rate=0.5, min_calls=10) for link in links)
+    for _ in range(12): a.before(); a.success()
+    time.sleep(1.05); a.before(); a.success()            # a second later: a's 13 successes are on Redis
+    n = 0
+    while b.allows() and n < 100: b.before(); b.failure(boom); n += 1
+    assert n == 13 and a.state == "open"
+    st = json.loads(links[1].client.get(key))
+    assert [sum(c[i] for c in st["calls"]) for i in (1, 2)] == [13, 13] and st["why"].startswith("13 of 26 calls failed")
+
+
 def test_budget_alert_fires_once_across_replicas_and_warn_mode_holds(links, tmp_path):
     from promptsys.errors import BudgetExceeded
     from promptsys.shared import RedisBudget
