@@ -598,6 +598,33 @@ def test_eval_gate_promote_rollback_through_the_postgres_backed_server(mlflow_se
     assert all(h["tracking_uri"] == mlflow_server["url"] for h in pp.history(t, s))
 
 
+def test_two_clones_promoting_against_the_postgres_backed_server_keep_every_audit_entry(mlflow_server, fake, tmp_path):
+    """Issue 6: audit tags were numbered by each clone's own audit.jsonl line count (audit.00001, ...), so two clones
+    promoting against one tracking server overwrote each other's entries. Keys are now unique across writers."""
+    pp = pytest.importorskip("promptsys.promotion")
+    reg = pytest.importorskip("promptsys.registry")
+    pe = pytest.importorskip("promptsys.evaluation")
+    rows = (ROOT / "prompts/sentiment/data/sentiment.jsonl").read_text().splitlines()[:12]
+    clones = []
+    for name in ("laptop", "ci"):                        # two checkouts: own prompts/, own audit.jsonl, one server
+        d = tmp_path / name / "prompts" / "sentiment"
+        shutil.copytree(ROOT / "prompts" / "sentiment", d, ignore=shutil.ignore_patterns("README.md", "aliases.json", "audit.jsonl"))
+        (d / "data" / "sentiment.jsonl").write_text("\n".join(rows) + "\n")
+        clones.append(scaleout_settings(tmp_path / name, fake, use=(), **{
+            "promptsys.prompts_dir": str(tmp_path / name / "prompts"), "mlflow.tracking_uri": mlflow_server["url"],
+            "mlflow.experiment_prefix": "clones", "mlflow.alias_cache_seconds": "0"}))
+    a, b = clones
+    pe.evaluate("sentiment", [1, 2], settings=a, progress=False)
+    assert pp.promote("sentiment", 1, settings=a, force=True, user="ann", reason="laptop 1").moved
+    assert pp.promote("sentiment", 2, settings=b, force=True, user="bo", reason="ci 1").moved
+    pp.stage("sentiment", 1, settings=a, user="ann", reason="laptop 2")
+    pp.rollback("sentiment", settings=b, user="bo", reason="ci 2")
+    assert [[e["reason"] for e in pp.history("sentiment", s)] for s in clones] == [["laptop 1", "laptop 2"], ["ci 1", "ci 2"]]
+    tags = reg.mlflow_client(a).get_prompt("clones-sentiment").tags
+    assert len([k for k in tags if k.startswith("audit.")]) == 4                     # nothing overwritten
+    assert [e["reason"] for e in pp.registry_history("sentiment", b)] == ["laptop 1", "ci 1", "laptop 2", "ci 2"]
+
+
 def test_cli_shared_reports_where_state_lives(monkeypatch, capsys):
     from promptsys import cli
     assert cli.main(["--settings", str(ROOT / "settings.ini"), "shared", "--json"]) == 0
