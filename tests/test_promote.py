@@ -244,6 +244,13 @@ def test_schedule_runs_both_notebooks_with_papermill(env, capsys):
     ev = schedule.notebook_result(outs[0])
     assert ev["ok"] and ev["errors"] == 0 and set(ev["runs"]) == {"1", "2"}
     assert '"regression": false' in out
+    # issue 6: both executed notebooks are artifacts of the eval runs the scheduled run produced, and those runs say so
+    client, stamp = registry.mlflow_client(env["s"]), outs[0].name.split("_", 1)[0]
+    for rid in ev["runs"].values():
+        assert sorted(a.path for a in client.list_artifacts(rid, "scheduled")) == [f"scheduled/{p.name}" for p in outs]
+        assert client.get_run(rid).data.tags["promptsys.scheduled"] == stamp
+    got = client.download_artifacts(ev["runs"]["1"], f"scheduled/{outs[0].name}", str(env["tmp"] / "downloaded"))
+    assert schedule.notebook_result(got) == ev                            # the executed copy, outputs and all
     # a refused gate makes the scheduled run fail: put the worse v2 in production, demand an impossible gain
     pp.promote("reviews", 2, settings=env["s"], force=True, user="test")
     code = main(["--settings", str(ROOT / "settings.ini"), *sets, "--set", "gate.min_gain=0.9", "schedule", "reviews", "--no-watch"])
