@@ -716,7 +716,7 @@ def run_batch(self:Pipeline, inputs:list, # Input texts (or dicts of variables)
               cache:bool=True) -> list[Result]:
     "Run many inputs concurrently; results in input order, failures as error results."
     from concurrent.futures import ThreadPoolExecutor, as_completed
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
     out = [None] * len(inputs)
     with ThreadPoolExecutor(max(1, concurrency)) as ex, tqdm(total=len(inputs), disable=not progress,
                                                              desc=f"{self.task.name} {self.prompt.name}") as bar:
@@ -730,7 +730,7 @@ def run_batch(self:Pipeline, inputs:list, # Input texts (or dicts of variables)
 async def arun_batch(self:Pipeline, inputs:list, concurrency:int=32, progress:bool=True,
                      cache:bool=True) -> list[Result]:
     "Async `run_batch`: at most `concurrency` calls in flight."
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
     import asyncio
     sem = asyncio.Semaphore(max(1, concurrency))
     bar = tqdm(total=len(inputs), disable=not progress, desc=f"{self.task.name} {self.prompt.name}")

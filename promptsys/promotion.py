@@ -4,7 +4,7 @@
 
 # %% ../nbs/17_promotion.ipynb #c003
 from __future__ import annotations
-import getpass, json, logging, math, os, random, statistics, time
+import getpass, json, logging, math, os, re, statistics, time
 from dataclasses import dataclass, field, asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,10 +26,10 @@ def _load(task, s:Settings) -> Task:
     return task if isinstance(task, Task) else load_task(task, s.promptsys.prompts_dir)
 
 # %% auto #0
-__all__ = ['log', 'LATENCY_NOISE_MS', 'mcnemar_exact', 'bootstrap_ci', 'GateDecision', 'min_detectable', 'gate', 'Impact',
-           'daily_traffic', 'impact', 'audit_path', 'current_user', 'append_audit', 'history', 'format_history',
-           'version_status', 'readme_text', 'write_readme', 'Promotion', 'audit_entry', 'promote', 'rollback', 'stage',
-           'demo']
+__all__ = ['log', 'LATENCY_NOISE_MS', 'AUDIT_TAG', 'mcnemar_exact', 'bootstrap_ci', 'GateDecision', 'min_detectable', 'gate',
+           'Impact', 'daily_traffic', 'impact', 'audit_path', 'current_user', 'audit_key', 'append_audit', 'history',
+           'registry_history', 'format_history', 'version_status', 'readme_text', 'write_readme', 'Promotion',
+           'audit_entry', 'promote', 'rollback', 'stage', 'demo']
 
 # %% ../nbs/17_promotion.ipynb #c007
 def mcnemar_exact(b:int, # Pairs production got right and the candidate wrong
@@ -45,14 +45,17 @@ def bootstrap_ci(diffs:list, # Per-example differences (candidate correct - prod
                  n_boot:int=2000, # Resamples
                  alpha:float=0.05, # 1 - confidence level
                  seed:int=0) -> tuple[float, float]:
-    "Percentile bootstrap confidence interval of the mean of `diffs`."
+    "Percentile bootstrap confidence interval of the mean of `diffs` (resample b: `rng.integers(0, n, n)`)."
     n = len(diffs)
     if n == 0: return (0.0, 0.0)
-    rng = random.Random(seed)
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(max(1, n_boot)))
-    lo = means[int(math.floor(alpha / 2 * (len(means) - 1)))]
-    hi = means[int(math.ceil((1 - alpha / 2) * (len(means) - 1)))]
-    return (lo, hi)
+    import numpy as np
+    d, rng, k = np.asarray(diffs, dtype=float), np.random.default_rng(seed), max(1, n_boot)
+    means = np.empty(k)
+    for b in range(k): means[b] = d[rng.integers(0, n, n)].sum() / n    # one row at a time: cache-friendly
+    means.sort()
+    lo = means[int(math.floor(alpha / 2 * (k - 1)))]
+    hi = means[int(math.ceil((1 - alpha / 2) * (k - 1)))]
+    return (float(lo), float(hi))
 
 # %% ../nbs/17_promotion.ipynb #c012
 @dataclass
@@ -442,6 +445,26 @@ def current_user() -> str:
     try: return getpass.getuser()
     except Exception: return os.environ.get("USER") or os.environ.get("USERNAME") or "unknown"
 
+AUDIT_TAG = re.compile(r"^audit\.(\d{5}|\d{8}T\d{6}\.\d{6}Z\.[0-9a-f]{8})$")   # old numbered, new unique keys
+
+def audit_key(now:datetime|None=None) -> str:
+    "A fresh audit tag key: `audit.<UTC time>Z.<random>`, unique across clones writing to one tracking server."
+    now = now or datetime.now(timezone.utc)
+    return f"audit.{now.astimezone(timezone.utc):%Y%m%dT%H%M%S.%f}Z.{os.urandom(4).hex()}"
+
+def _tag_text(entry:dict, limit:int=4900) -> str:
+    "The entry as JSON for a tag value: whole if it fits, else without its bulky parts (still valid JSON)."
+    text = json.dumps(entry, ensure_ascii=False)
+    if len(text) <= limit: return text
+    slim = {k: v for k, v in entry.items() if k not in ("gate", "evidence", "impact")}
+    if isinstance(entry.get("gate"), dict): slim["gate"] = {"passed": entry["gate"].get("passed")}
+    slim["truncated"] = True
+    text = json.dumps(slim, ensure_ascii=False)
+    if len(text) <= limit: return text
+    keep = ("ts", "user", "action", "from", "to", "forced", "run_ids")
+    return json.dumps({**{k: slim[k] for k in keep if k in slim}, "reason": str(entry.get("reason", ""))[:500],
+                       "truncated": True}, ensure_ascii=False)
+
 def append_audit(task:Task, # The loaded task
                  entry:dict, # The move: ts, user, action, from, to, reason, run_ids, gate...
                  client=None, settings:Settings|None=None # Also tag the registry prompt and the runs in MLflow
@@ -451,11 +474,10 @@ def append_audit(task:Task, # The loaded task
     with open(p, "a", encoding="utf-8") as f: f.write(json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n")
     if client is None or settings is None: return entry
     try:
-        n = sum(1 for _ in open(p, encoding="utf-8"))
-        text = json.dumps(entry, ensure_ascii=False)[:4900]
-        client.set_prompt_tag(prompt_name(task.name, settings), f"audit.{n:05d}", text)
+        key = audit_key()
+        client.set_prompt_tag(prompt_name(task.name, settings), key, _tag_text(entry))
         for rid in (entry.get("run_ids") or {}).values():
-            if rid: client.set_tag(rid, f"promptsys.audit.{n:05d}", f"{entry['action']} v{entry.get('from')} → "
+            if rid: client.set_tag(rid, f"promptsys.{key}", f"{entry['action']} v{entry.get('from')} → "
                                    f"v{entry.get('to')} by {entry['user']} at {entry['ts']}")
     except Exception as e: log.warning("could not tag the audit entry in MLflow: %s", e)
     return entry
@@ -464,6 +486,22 @@ def history(task:str|Task, settings:Settings|None=None) -> list[dict]:
     "The task's audit trail, oldest first."
     p = audit_path(_load(task, settings or get_settings()))
     return [json.loads(l) for l in p.read_text(encoding="utf-8").splitlines() if l.strip()] if p.is_file() else []
+
+def registry_history(task:str|Task, settings:Settings|None=None) -> list[dict]:
+    "Every clone's audit entries, from the registry prompt's tags (old `audit.NNNNN` ones too), oldest first."
+    s = settings or get_settings()
+    t = _load(task, s)
+    try: p = mlflow_client(s).get_prompt(prompt_name(t.name, s))
+    except Exception as e: raise PromptNotFound(f"cannot read {t.name}'s registry prompt: {e}",
+                                                f"check [mlflow] tracking_uri ({tracking_uri(s)})") from None
+    tags = p.tags if p is not None else {}
+    out = []
+    for k, v in (tags or {}).items():
+        if not AUDIT_TAG.match(k): continue
+        try: e = json.loads(v)
+        except ValueError: e = {"raw": v, "truncated": True}    # an old tag cut at 4,900 characters
+        out.append((str(e.get("ts", "")), k, {**e, "key": k}))
+    return [e for _, _, e in sorted(out, key=lambda x: x[:2])]
 
 def format_history(entries:list[dict]) -> str:
     "One line per audit entry."

@@ -19,7 +19,7 @@ from .rollout import check as rollout_check
 log = logging.getLogger("promptsys.schedule")
 
 # %% auto #0
-__all__ = ['log', 'notebook_result', 'run_notebook', 'watch', 'schedule']
+__all__ = ['log', 'notebook_result', 'run_notebook', 'watch', 'attach_notebooks', 'schedule']
 
 # %% ../nbs/20_schedule.ipynb #c007
 def notebook_result(path:str|Path # An executed notebook
@@ -114,6 +114,28 @@ def watch(task:str|Task, # A task name or `Task`
         except PromptsysError as e: log.error("auto rollback failed: %s", e); out["rollback_error"] = str(e)
     return out
 
+# %% ../nbs/20_schedule.ipynb #c027_a2
+def attach_notebooks(s:Settings, # Settings naming the tracking server
+                     run_ids:list, # The MLflow runs the scheduled notebooks produced
+                     notebooks:list, # Executed notebooks to attach (missing files are skipped)
+                     stamp:str # The scheduled run's stamp, recorded as the runs' `promptsys.scheduled` tag
+                    ) -> dict:
+    "Log executed notebooks as artifacts (`scheduled/<name>`) of each run; {run_id: [artifact paths] or an error}."
+    from promptsys.registry import mlflow_client
+    files = [Path(p) for p in notebooks if p and Path(p).is_file()]
+    out = {}
+    if not run_ids or not files: return out
+    client = mlflow_client(s)
+    for rid in run_ids:
+        try:
+            for f in files: client.log_artifact(rid, str(f), "scheduled")
+            client.set_tag(rid, "promptsys.scheduled", stamp)
+            out[rid] = [f"scheduled/{f.name}" for f in files]
+        except Exception as e:
+            log.warning("could not attach the scheduled notebooks to run %s: %s", rid, e)
+            out[rid] = f"error: {type(e).__name__}: {str(e)[:300]}"
+    return out
+
 # %% ../nbs/20_schedule.ipynb #c029
 def schedule(task:str, # The task to run
              settings:Settings, # Its settings (their file is handed to the notebooks)
@@ -138,6 +160,10 @@ def schedule(task:str, # The task to run
         report["promote"] = pr = run_notebook(nbdir / "promote.ipynb", runs_dir / f"{stamp}_{task}_promote.ipynb",
                                               {**common, "dry_run": not promote_winner})
         if not pr.get("ok") or not (pr.get("passed") or pr.get("noop")): code = 1
+    runs = list((ev.get("runs") or {}).values()) if isinstance(ev.get("runs"), dict) else []
+    if runs:                                   # the executed notebooks, attached to the eval runs they produced
+        nbs = [ev.get("notebook"), (report.get("promote") or {}).get("notebook")]
+        report["artifacts"] = attach_notebooks(s, runs, nbs, stamp)
     if watch_production:
         try:
             report["watch"] = w = watch(task, settings=s, sample=limit)

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from fastcore.basics import patch
 from .errors import BudgetExceeded, ConfigError
 from .cache import ResponseCache, open_cache
-from .breaker import CircuitBreaker, MemoryStore, breaker_for as _embedded_breaker
+from .breaker import CircuitBreaker, MemoryStore, breaker_options, breaker_for as _embedded_breaker
 from .cost import Budget, Reservation
 from .retry import RateLimiter
 
@@ -586,12 +586,10 @@ def breaker_for(endpoint:str, s) -> CircuitBreaker:
     "The breaker guarding `endpoint`: its state on Redis if `[redis] use` has `breaker`."
     local = _embedded_breaker(endpoint, s)
     if not uses_redis(s, "breaker"): return local
-    link, b = link_for(s), s.breaker
+    link, opts = link_for(s), breaker_options(s)
     store = _once(("breaker-store", id(link), id(local.store)), lambda: RedisStore(link, local.store))
-    return _once(("breaker", endpoint, id(store), b.failure_threshold, b.window_seconds, b.reset_timeout,
-                  b.half_open_max_calls, b.enabled),
-                 lambda: CircuitBreaker(endpoint, b.failure_threshold, b.window_seconds, b.reset_timeout,
-                                        b.half_open_max_calls, store, b.enabled))
+    return _once(("breaker", endpoint, id(store), *sorted(opts.items())),
+                 lambda: CircuitBreaker(endpoint, store=store, **opts))
 
 # %% ../nbs/12_shared.ipynb #c099
 def budget_for(s, task=None) -> Budget:

@@ -337,6 +337,26 @@ def test_breaker_store_updates_are_atomic_and_run_fn_once(links):
     assert stores[0].get("breaker:x") == {"n": 100} and len(calls) == 100
 
 
+def test_breaker_failure_rate_counts_every_replica_s_calls_on_redis(links):
+    """Issue 6, the rate verdict on Redis: replica a's successes (written at most once a second) count in replica b's
+    failure rate, so b opens at 13 failures of 26 calls, not 10 of 10; a state stored by the previous version
+    (no "calls") is read as it is."""
+    from promptsys.shared import RedisStore
+    from promptsys.breaker import CircuitBreaker
+    from promptsys.errors import ProviderError
+    boom = ProviderError("500 from the model server", retryable=True, status=500)
+    key = links[0].key("breaker:ep")
+    links[0].client.set(key, json.dumps({"state": "closed", "failures": [], "opened_at": 0.0, "probes": 0, "probe_at": 0.0}))
+    a, b = (CircuitBreaker("ep", 0, 10, 60, store=RedisStore(link), failure_rate=0.5, min_calls=10) for link in links)
+    for _ in range(12): a.before(); a.success()
+    time.sleep(1.05); a.before(); a.success()            # a second later: a's 13 successes are on Redis
+    n = 0
+    while b.allows() and n < 100: b.before(); b.failure(boom); n += 1
+    assert n == 13 and a.state == "open"
+    st = json.loads(links[1].client.get(key))
+    assert [sum(c[i] for c in st["calls"]) for i in (1, 2)] == [13, 13] and st["why"].startswith("13 of 26 calls failed")
+
+
 def test_budget_alert_fires_once_across_replicas_and_warn_mode_holds(links, tmp_path):
     from promptsys.errors import BudgetExceeded
     from promptsys.shared import RedisBudget
@@ -576,6 +596,33 @@ def test_eval_gate_promote_rollback_through_the_postgres_backed_server(mlflow_se
     acts = [(h["action"], h["to"]) for h in pp.history(t, s)]
     assert acts[-3:] == [("promote", first), ("promote", other), ("rollback", first)]
     assert all(h["tracking_uri"] == mlflow_server["url"] for h in pp.history(t, s))
+
+
+def test_two_clones_promoting_against_the_postgres_backed_server_keep_every_audit_entry(mlflow_server, fake, tmp_path):
+    """Issue 6: audit tags were numbered by each clone's own audit.jsonl line count (audit.00001, ...), so two clones
+    promoting against one tracking server overwrote each other's entries. Keys are now unique across writers."""
+    pp = pytest.importorskip("promptsys.promotion")
+    reg = pytest.importorskip("promptsys.registry")
+    pe = pytest.importorskip("promptsys.evaluation")
+    rows = (ROOT / "prompts/sentiment/data/sentiment.jsonl").read_text().splitlines()[:12]
+    clones = []
+    for name in ("laptop", "ci"):                        # two checkouts: own prompts/, own audit.jsonl, one server
+        d = tmp_path / name / "prompts" / "sentiment"
+        shutil.copytree(ROOT / "prompts" / "sentiment", d, ignore=shutil.ignore_patterns("README.md", "aliases.json", "audit.jsonl"))
+        (d / "data" / "sentiment.jsonl").write_text("\n".join(rows) + "\n")
+        clones.append(scaleout_settings(tmp_path / name, fake, use=(), **{
+            "promptsys.prompts_dir": str(tmp_path / name / "prompts"), "mlflow.tracking_uri": mlflow_server["url"],
+            "mlflow.experiment_prefix": "clones", "mlflow.alias_cache_seconds": "0"}))
+    a, b = clones
+    pe.evaluate("sentiment", [1, 2], settings=a, progress=False)
+    assert pp.promote("sentiment", 1, settings=a, force=True, user="ann", reason="laptop 1").moved
+    assert pp.promote("sentiment", 2, settings=b, force=True, user="bo", reason="ci 1").moved
+    pp.stage("sentiment", 1, settings=a, user="ann", reason="laptop 2")
+    pp.rollback("sentiment", settings=b, user="bo", reason="ci 2")
+    assert [[e["reason"] for e in pp.history("sentiment", s)] for s in clones] == [["laptop 1", "laptop 2"], ["ci 1", "ci 2"]]
+    tags = reg.mlflow_client(a).get_prompt("clones-sentiment").tags
+    assert len([k for k in tags if k.startswith("audit.")]) == 4                     # nothing overwritten
+    assert [e["reason"] for e in pp.registry_history("sentiment", b)] == ["laptop 1", "ci 1", "laptop 2", "ci 2"]
 
 
 def test_cli_shared_reports_where_state_lives(monkeypatch, capsys):
