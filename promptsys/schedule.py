@@ -53,28 +53,30 @@ def run_notebook(src:Path, # The notebook to run (e.g. experiments/eval_prompts.
     return {**(notebook_result(out) or dict(ok=False, error="no result cell output")), "notebook": str(out)}
 
 # %% ../nbs/20_schedule.ipynb #c017
-def _recorded_accuracy(client, exp_id:str, t:Task, prod:int, ds_hash:str, audit:list[dict]) -> tuple[float|None, str]:
-    "Production's accuracy when it was put in production, on the same examples: (accuracy, where it came from)."
+def _recorded_accuracy(client, exp_id:str, t:Task, prod:int, ds_hash:str, audit:list[dict],
+                       metric:str="accuracy") -> tuple[float|None, str]:
+    "Production's `metric` when it was put in production, on the same examples: (value, where it came from)."
     entry = next((e for e in reversed(audit) if e.get("to") == prod and e["action"] in ("promote", "rollback")), None)
     rid = ((entry or {}).get("run_ids") or {}).get("to")
     if rid:
         try:
             r = client.get_run(rid)
-            if r.data.params.get("dataset_hash") == ds_hash and "accuracy" in r.data.metrics:
-                return r.data.metrics["accuracy"], f"the eval run {rid} that put it in production"
+            if r.data.params.get("dataset_hash") == ds_hash and metric in r.data.metrics:
+                return r.data.metrics[metric], f"the eval run {rid} that put it in production"
         except Exception as e: log.debug("run %s: %s", rid, e)
     filt = (f"params.version = '{prod}' and params.dataset_hash = '{ds_hash}' and "
             f"params.prompt_hash = '{t.versions[prod].hash}' and attributes.status = 'FINISHED'")
     for r in client.search_runs([exp_id], filt, order_by=["attributes.start_time DESC"], max_results=50):
-        if "promptsys.watch" not in r.data.tags and "accuracy" in r.data.metrics:
-            return r.data.metrics["accuracy"], f"its latest eval run {r.info.run_id}"
-    if entry and entry.get("to_accuracy") is not None: return entry["to_accuracy"], "the audit entry (other examples)"
+        if "promptsys.watch" not in r.data.tags and metric in r.data.metrics:
+            return r.data.metrics[metric], f"its latest eval run {r.info.run_id}"
+    if metric == "accuracy" and entry and entry.get("to_accuracy") is not None:
+        return entry["to_accuracy"], "the audit entry (other examples)"
     return None, "nothing recorded"
 
 # %% ../nbs/20_schedule.ipynb #c019
-def _alert(t:Task, prod:int, rec:float, now:float, s:Settings) -> str:
+def _alert(t:Task, prod:int, rec:float, now:float, s:Settings, metric:str="accuracy") -> str:
     "Log and raise the regression alert; its message."
-    msg = f"{t.name} production v{prod} accuracy dropped {rec:.3f} → {now:.3f} (> {s.gate.regression_threshold})"
+    msg = f"{t.name} production v{prod} {metric} dropped {rec:.3f} → {now:.3f} (> {s.gate.regression_threshold})"
     log.error("regression watch: %s", msg)
     try: raise_alert(f"regression:{t.name}", msg, "critical", settings=s, task=t.name, version=prod, accuracy=now,
                      recorded=rec)
@@ -87,7 +89,7 @@ def watch(task:str|Task, # A task name or `Task`
           sample:int|None=None, # Re-evaluate on this reproducible sample (the same as the scheduled eval's)
           auto_rollback:bool|None=None, # Roll back on a regression (default [gate] auto_rollback)
           progress:bool=False) -> dict:
-    "Re-evaluate production; alert (and maybe roll back) when its accuracy dropped beyond the threshold."
+    "Re-evaluate production; alert (and maybe roll back) when its primary metric dropped beyond the threshold."
     s = settings or get_settings()
     t = task if isinstance(task, Task) else load_task(task, s.promptsys.prompts_dir)
     client, exp_id = task_experiment(t, s)
@@ -97,16 +99,18 @@ def watch(task:str|Task, # A task name or `Task`
         return dict(task=t.name, status=f"production v{prod} has no local file", regression=False)
     ds = load_dataset(t.dataset or "", t, s.eval.bad_rows)
     ds = ds.sample(sample) if sample else ds
-    rec, basis = _recorded_accuracy(client, exp_id, t, prod, ds.hash, history(t, s))
     df = evaluate(t, [prod], ds, settings=s, provider=provider, cache=False, progress=progress)
-    now = float(df.accuracy.iloc[0])
+    metric = t.scoring.primary if t.scoring.primary in df.columns else "accuracy"   # label, json or text alike
+    rec, basis = _recorded_accuracy(client, exp_id, t, prod, ds.hash, history(t, s), metric)
+    now = float(df[metric].iloc[0])
     drop = (rec - now) if rec is not None else 0.0
-    out = dict(task=t.name, version=prod, recorded_accuracy=rec, recorded_from=basis, accuracy=now, drop=drop,
+    out = dict(task=t.name, version=prod, metric=metric, recorded_accuracy=rec, recorded_from=basis, accuracy=now,
+               drop=drop,
                run_id=df.run_id.iloc[0], threshold=s.gate.regression_threshold,
                regression=drop > s.gate.regression_threshold, rolled_back=False)
     client.set_tag(out["run_id"], "promptsys.watch", "regression" if out["regression"] else "ok")
     if not out["regression"]: return out
-    msg = _alert(t, prod, rec, now, s)
+    msg = _alert(t, prod, rec, now, s, metric)
     if s.gate.auto_rollback if auto_rollback is None else auto_rollback:
         try:
             rollback(t, settings=s, reason=f"auto rollback by the regression watch: {msg}", user="promptsys-watch")

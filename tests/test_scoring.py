@@ -22,7 +22,7 @@ from promptsys.config import load_settings
 from promptsys.errors import ConfigError
 from promptsys.prompts import load_task
 from promptsys import evaluation as pe, promotion as pp, registry
-from tests.fakeserver import start_server, stop_server
+from tests.fakeserver import start_server, stop_server, control
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["order_id", "items", "action"],
           "properties": {"order_id": {"anyOf": [{"type": "string"}, {"type": "null"}]},
@@ -136,6 +136,21 @@ def test_the_gate_compares_the_primary_metric_with_a_paired_bootstrap(env):
     assert [(l["label"], l["baseline_recall"], l["candidate_recall"]) for l in imp.per_label] == [("return", 0.25, 0.75)]
     assert (imp.metric, len(imp.changes), imp.flips) == ("field_mean", 24, [])   # no answer flips right/wrong
     assert "<table>" in imp._repr_html_() and "field_mean moved on 24 examples" in imp.to_text()
+
+
+def test_the_regression_watch_guards_a_json_task_on_its_primary_metric(env):
+    "After the gate test put v2 in production: the watch compares field_mean, and catches answers turning bad."
+    from promptsys import schedule
+    s = env["s"]
+    assert registry.resolve_alias(load_task("parcel", s.promptsys.prompts_dir), "production", s).number == 2
+    ok = schedule.watch("parcel", settings=s, auto_rollback=False)
+    assert (ok["metric"], ok["regression"]) == ("field_mean", False)
+    assert ok["accuracy"] == pytest.approx(WANT[2]) and ok["recorded_accuracy"] == pytest.approx(WANT[2])
+    control(env["url"], garble_if_contains="P-01")            # orders P-010..P-019: 10 of 24 answers not JSON
+    try: bad = schedule.watch("parcel", settings=s, auto_rollback=False)
+    finally: control(env["url"], garble_if_contains=None)
+    assert (bad["metric"], bad["regression"]) == ("field_mean", True)
+    assert bad["accuracy"] < WANT[2] - 0.2 and bad["drop"] > s.gate.regression_threshold
 
 
 def test_text_scorers_and_a_judge_task(env):
