@@ -17,9 +17,9 @@ __all__ = ['COMMANDS', 'GROUPS', 'set_overrides', 'settings_from_args', 'command
            'configure_eval', 'cmd_eval', 'configure_promote', 'cmd_promote', 'configure_rollback', 'cmd_rollback',
            'configure_stage', 'cmd_stage', 'configure_history', 'cmd_history', 'configure_diff', 'cmd_diff',
            'configure_ui', 'cmd_ui', 'configure_rollout', 'configure_schedule', 'schedule_text', 'cmd_schedule',
-           'configure_dashboard', 'cmd_dashboard', 'configure_feedback', 'cmd_feedback', 'configure_alerts',
-           'cmd_alerts', 'configure_metrics', 'cmd_metrics', 'configure_logs', 'cmd_logs', 'configure_prune',
-           'cmd_prune', 'configure_shared', 'cmd_shared']
+           'configure_ci', 'cmd_ci', 'configure_dashboard', 'cmd_dashboard', 'configure_feedback', 'cmd_feedback',
+           'configure_alerts', 'cmd_alerts', 'configure_metrics', 'cmd_metrics', 'configure_logs', 'cmd_logs',
+           'configure_prune', 'cmd_prune', 'configure_shared', 'cmd_shared']
 
 # %% ../nbs/21_cli.ipynb #c006
 def set_overrides(a:argparse.Namespace) -> dict:
@@ -48,7 +48,7 @@ GROUPS = {
     "prompts": ["prompts", "new", "check", "run"],
     "evaluate": ["eval", "diff"],
     "promote": ["promote", "rollback", "stage", "history", "rollout"],
-    "schedule": ["schedule", "ui"],
+    "schedule": ["schedule", "ci", "ui"],
     "monitor": ["dashboard", "logs", "feedback", "alerts", "metrics", "prune"],
     "scale-out": ["shared"],
 }
@@ -496,6 +496,29 @@ def cmd_schedule(a) -> int:
 
 COMMANDS["schedule"] = ("run the experiments notebooks with papermill (cron), then the regression watch",
                         configure_schedule, cmd_schedule)
+
+# %% ../nbs/21_cli.ipynb #c046_ci1
+def configure_ci(p):
+    p.add_argument("--base", default="origin/main", help="the git ref to compare with (default origin/main)")
+    p.add_argument("--limit", type=int, help="evaluate on the first N rows of each dataset (speed)")
+    p.add_argument("--strict", action="store_true", help="every changed version must pass, not only edited production")
+    p.add_argument("--task", action="append", help="only this task (repeatable)")
+    p.add_argument("--report", metavar="PATH", help="also write the Markdown report here (a pull-request comment)")
+
+def cmd_ci(a) -> int:
+    "Check and evaluate the prompt versions a branch changes; exit 1 when one meant for production fails the gate."
+    from promptsys.schedule import ci
+    res = ci(a.base, settings=settings_from_args(a), limit=a.limit, strict=a.strict, tasks=a.task)
+    print(res["report"])
+    if a.report:
+        try: Path(a.report).write_text(res["report"] + "\n", encoding="utf-8")
+        except OSError as e:
+            raise InputValidationError(f"cannot write the report to {a.report}: {e}", "Pass a writable --report path.")
+    return 0 if res["passed"] else 1
+
+COMMANDS["ci"] = ("change control: check, evaluate and gate the prompt versions a branch changes",
+                  configure_ci, cmd_ci)
+
 
 # %% ../nbs/21_cli.ipynb #c049
 def configure_dashboard(p):

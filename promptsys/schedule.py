@@ -4,10 +4,11 @@
 
 # %% ../nbs/20_schedule.ipynb #c003
 from __future__ import annotations
-import json, logging, os
+import json, logging, os, re
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from .errors import PromptsysError
+from .errors import InputValidationError, PromptsysError
 from .config import Settings, get_settings
 from .prompts import Task, load_task
 from .registry import task_experiment, current_alias, alias_number
@@ -19,7 +20,8 @@ from .rollout import check as rollout_check
 log = logging.getLogger("promptsys.schedule")
 
 # %% auto #0
-__all__ = ['log', 'notebook_result', 'run_notebook', 'watch', 'attach_notebooks', 'schedule']
+__all__ = ['log', 'notebook_result', 'run_notebook', 'watch', 'attach_notebooks', 'schedule', 'changed_versions',
+           'CheckedVersion', 'ci', 'ci_report']
 
 # %% ../nbs/20_schedule.ipynb #c007
 def notebook_result(path:str|Path # An executed notebook
@@ -179,3 +181,165 @@ def schedule(task:str, # The task to run
             if j.regression: code = 1
         except PromptsysError as e: report["rollout"] = dict(error=str(e))
     return code, report
+
+# %% ../nbs/20_schedule.ipynb #c034_ci1
+_VERSION_FILE = re.compile(r"^v(\d+)_[^/]*\.(txt|toml)$")
+
+def _git(repo:Path, *args) -> str:
+    import subprocess
+    try: r = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise InputValidationError(f"cannot run git: {e}", "Install git, and run promptsys ci inside the repository.")
+    if r.returncode != 0:
+        raise InputValidationError(f"git {' '.join(args[:2])} failed: {r.stderr.strip()[:300]}",
+                                   "Fetch the base branch first (e.g. git fetch origin main) and pass it as --base.")
+    return r.stdout
+
+def changed_versions(base:str, # A git ref to compare with, e.g. origin/main
+                     prompts_dir:str|Path) -> dict[str, dict]:
+    "Prompt files changed against `base`: {task: {'versions': {N: 'A'|'M'|'D'}, 'files': [other changed files]}}."
+    pd_ = Path(prompts_dir).resolve()
+    repo = Path(_git(pd_, "rev-parse", "--show-toplevel").strip())
+    rel = pd_.relative_to(repo.resolve()).as_posix()
+    out: dict[str, dict] = {}
+    for line in _git(repo, "diff", "--name-status", "--no-renames", base, "--", rel).splitlines():
+        status, _, path = line.partition("\t")
+        parts = path[len(rel) + 1:].split("/") if rel != "." else path.split("/")
+        if len(parts) < 2: continue
+        ch = out.setdefault(parts[0], dict(versions={}, files=[]))
+        m = _VERSION_FILE.match(parts[1]) if len(parts) == 2 else None
+        if m: ch["versions"][int(m.group(1))] = status[0]
+        else: ch["files"].append("/".join(parts[1:]))
+    for line in _git(repo, "ls-files", "--others", "--exclude-standard", "--", rel).splitlines():   # new, not added
+        parts = line[len(rel) + 1:].split("/") if rel != "." else line.split("/")
+        if len(parts) == 2 and (m := _VERSION_FILE.match(parts[1])):
+            out.setdefault(parts[0], dict(versions={}, files=[]))["versions"][int(m.group(1))] = "A"
+    return out
+
+
+# %% ../nbs/20_schedule.ipynb #c034_ci2
+@dataclass
+class CheckedVersion:
+    "One changed version judged against its baseline by `ci`."
+    task: str
+    version: int
+    change: str            # added | edited (the production version's text changed) | modified | deleted
+    baseline: str          # what it was compared with, e.g. 'production v1' or 'v1 as on origin/main'
+    required: bool         # must pass for the run to pass
+    decision: object = None   # the `GateDecision` (None: nothing to compare with)
+    impact: object = None
+    metrics: dict = field(default_factory=dict)   # {'candidate': {...}, 'baseline': {...}}: metric, latency, cost
+
+def _scratch_task(t:Task, base:str, repo_files:dict, tmp:Path) -> tuple[Task, dict]:
+    "A copy of the task folder in `tmp` with each edited version's base text as an extra version; {N: base copy N}."
+    import shutil
+    d = tmp / "prompts" / t.name; shutil.copytree(t.dir, d)
+    top, extra = max(t.versions) + 1000, {}
+    for n, (path, text) in repo_files.items():
+        extra[n] = top + n
+        (d / f"v{top + n}_base{Path(path).suffix}").write_text(text, encoding="utf-8")
+    return load_task(t.name, tmp / "prompts"), extra
+
+def _scratch_settings(s:Settings, tmp:Path) -> Settings:
+    "The same settings, with the task folder, MLflow store and eval runs in `tmp` (nothing written elsewhere)."
+    from promptsys.config import Section
+    d = {k: Section(v) for k, v in s.as_dict().items()}
+    d["promptsys"].update(prompts_dir=tmp / "prompts", records="none")
+    d["mlflow"].update(tracking_uri=f"sqlite:///{tmp}/mlflow.db", experiment_prefix="ci")
+    d["eval"].update(runs_dir=tmp / "runs")
+    return Settings(d, s.path, s.base)
+
+
+# %% ../nbs/20_schedule.ipynb #c034_ci3
+def ci(base:str="origin/main", # The git ref the change is compared with
+       *, settings:Settings|None=None,
+       provider=None, # A `Provider` to use instead of the configured one
+       limit:int|None=None, # Evaluate on the first N rows of each dataset (speed)
+       strict:bool=False, # Every changed version must pass the gate, not only an edited production version
+       tasks:list|None=None) -> dict:
+    "Check, evaluate and gate every prompt version changed against `base`: {passed, versions, problems, report}."
+    import tempfile
+    from promptsys.evaluation import check_task
+    from promptsys.promotion import gate, impact
+    from promptsys.registry import read_aliases
+    s = settings or get_settings()
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise InputValidationError(f"limit must be a positive whole number, not {limit!r}", "Pass e.g. --limit 40.")
+    changed = changed_versions(base, s.promptsys.prompts_dir)
+    if tasks: changed = {k: v for k, v in changed.items() if k in tasks}
+    repo = Path(_git(Path(s.promptsys.prompts_dir).resolve(), "rev-parse", "--show-toplevel").strip())
+    checked, problems = [], {}
+    for name, ch in sorted(changed.items()):
+        if not (Path(s.promptsys.prompts_dir) / name / "task.toml").is_file(): continue      # a deleted task
+        if probs := check_task(name, s.promptsys.prompts_dir): problems[name] = probs; continue
+        t = load_task(name, s.promptsys.prompts_dir)
+        prod = (read_aliases(t).get("production") or {}).get("version")
+        base_text = {}
+        for n, st in ch["versions"].items():
+            if st == "M" and n in t.versions:
+                path = Path(t.versions[n].path).resolve().relative_to(repo.resolve()).as_posix()
+                base_text[n] = (path, _git(repo, "show", f"{base}:{path}"))
+        with tempfile.TemporaryDirectory(prefix="promptsys-ci-") as tmp:
+            tmp = Path(tmp)
+            st_ = _scratch_settings(s, tmp)
+            tt, extra = _scratch_task(t, base, base_text, tmp)
+            pairs = []
+            for n, st in sorted(ch["versions"].items()):
+                if st == "D" or n not in t.versions: continue
+                if n in extra: pairs.append((n, extra[n], "edited" if n == prod else "modified", f"v{n} as on {base}",
+                                             n == prod or strict))
+                elif prod is not None and prod != n:
+                    pairs.append((n, prod, "added" if st == "A" else "modified", f"production v{prod}", strict))
+                else: pairs.append((n, None, "added" if st == "A" else "modified", "nothing (no production)", False))
+            if not pairs: continue
+            need = sorted({x for c, b, *_ in pairs for x in (c, b) if x is not None})
+            df = evaluate(tt, need, settings=st_, provider=provider, limit=limit, progress=False)
+            for c, b, change, against, required in pairs:
+                cv = CheckedVersion(name, c, change, against, required)
+                cols = [k for k in (tt.scoring.primary, "accuracy", "latency_p95_ms", "cost_per_call_usd") if k in df]
+                cv.metrics = {"candidate": {k: float(df.loc[c, k]) for k in cols}}
+                if b is not None:
+                    cv.metrics["baseline"] = {k: float(df.loc[b, k]) for k in cols}
+                    cv.decision = gate(tt, c, settings=st_, production=b)
+                    cv.impact = impact(tt, c, b, settings=st_, log_to_run=False)
+                checked.append(cv)
+    passed = not problems and all(cv.decision is None or cv.decision.passed or not cv.required for cv in checked)
+    res = dict(passed=passed, base=base, versions=checked, problems=problems)
+    res["report"] = ci_report(res)
+    return res
+
+
+# %% ../nbs/20_schedule.ipynb #c034_ci4
+def _num(x, ms=False) -> str:
+    if x is None or x != x: return "n/a"
+    return f"{x:.1f} ms" if ms else f"{x:.4g}"
+
+def ci_report(res:dict) -> str:
+    "The Markdown report of a `ci` run (a pull-request comment)."
+    head = "✅ passed" if res["passed"] else "❌ failed"
+    out = [f"## promptsys ci — {head}", "", f"Prompt versions changed against `{res['base']}`."]
+    for name, probs in res["problems"].items():
+        out += ["", f"### {name}: `promptsys check` found {len(probs)} problem(s)", "", *(f"- `{p}`" for p in probs)]
+    if not res["versions"] and not res["problems"]: out += ["", "No prompt version changed."]
+    for cv in res["versions"]:
+        d, m = cv.decision, cv.metrics
+        verdict = "—" if d is None else ("PASSED" if d.passed else "REFUSED")
+        if d is not None and d.verdict: verdict += f" ({d.verdict})"
+        out += ["", f"### {cv.task} v{cv.version} ({cv.change}) vs {cv.baseline}: {verdict}"
+                + (" — required" if cv.required else " — advisory"), "",
+                "| | " + " | ".join(m["candidate"]) + " |", "|---|" + "---|" * len(m["candidate"])]
+        for who in ("candidate", "baseline"):
+            if who in m: out.append(f"| {who} | " + " | ".join(_num(v, k.endswith("_ms")) for k, v in m[who].items())
+                                    + " |")
+        if d is not None:
+            if d.production != cv.version and cv.baseline.startswith(f"v{cv.version} as on"):
+                out += ["", f"(In the gate's lines, v{d.production} is {cv.baseline}.)"]
+            out += ["", "```", str(d), "```"]
+        if cv.impact is not None and cv.impact.flips:
+            out += ["", f"Flipped examples ({len(cv.impact.flips)}):", "",
+                    "| example | expected | baseline | candidate |", "|---|---|---|---|"]
+            for f in cv.impact.flips[:20]:
+                out.append("| " + " | ".join(str(f.get(k, ""))[:60].replace("|", "\\|") for k in
+                                              ("id", "expected", "baseline", "candidate")) + " |")
+    return "\n".join(out)
+
