@@ -5,7 +5,7 @@
 # %% ../nbs/10_cost.ipynb #c003
 from __future__ import annotations
 import json, logging, os, socket, threading, time, uuid, weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from fastcore.basics import patch
@@ -111,7 +111,7 @@ class Reservation:
     "An amount held against some budget scopes until the call's real cost is known."
     amount: int           # micro-dollars
     scopes: tuple
-    lease: object = None  # the process's lease it was taken from; None: held on the ledger itself
+    lease: object = field(default=None, repr=False, compare=False)   # its process lease; None: on the ledger
 
 def _usd(micro:int) -> float: return micro / 1e6
 def _micro(usd:float) -> int: return int(round(usd * 1e6))
