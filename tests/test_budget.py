@@ -2,8 +2,9 @@
 
 The model is an OpenAI-compatible fake server (tests/fakeserver.py) priced through a [prices] override at
 $1 per 1K tokens, so a call costs a few cents and a budget of a dollar or two lasts a few dozen calls.
-The fake server reports usage as ~4 characters a token, like promptsys's pre-call estimate, so the
-estimate (prompt + max_tokens) is an upper bound of the real cost.
+The fake server reports usage as ~4 characters a token; promptsys's pre-call estimate (its script-aware
+prompt estimate + the full max_tokens answer) stays above that for these short English reviews, so the
+estimate is an upper bound of the real cost.
 """
 from __future__ import annotations
 import asyncio, json, logging, shutil, subprocess, sys, time
