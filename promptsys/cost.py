@@ -14,11 +14,10 @@ from .errors import BudgetExceeded, ConfigError
 log = logging.getLogger("promptsys.cost")
 
 # %% auto #0
-__all__ = ['log', 'PRICES_SOURCE', 'FREE_PROVIDERS', 'ALIASES', 'PricingError', 'genai_price', 'PriceTable', 'Reservation',
-           'Budget']
+__all__ = ['log', 'FREE_PROVIDERS', 'ALIASES', 'PricingError', 'genai_price', 'PriceTable', 'Reservation', 'Budget']
 
 # %% ../nbs/10_cost.ipynb #c006
-PRICES_SOURCE = "genai-prices (the data bundled in the installed package; never fetched at run time)"
+# Prices: genai-prices (the data bundled in the installed package; never fetched at run time) and [prices].
 FREE_PROVIDERS = {"local"}          # the embedded model: price 0 by declaration, not by being unknown
 ALIASES: dict[str, str] = {}        # model name -> the model it is priced as (exact names; add yours in [prices])
 _GENAI_PROVIDERS = {"openai": "openai", "anthropic": "anthropic"}   # promptsys provider -> genai-prices provider id
@@ -174,8 +173,12 @@ def _reclaim(c, index:dict):
             log.warning("budget: process %s died holding a lease of $%.6f; counted as spent", pid, _usd(granted))
 
 class _LeaseBox:
-    "A budget's lease and its lock, kept apart from the budget so that a finalizer can return the lease."
-    def __init__(self, c): self.c, self.lock, self.lease, self.amt = c, threading.Lock(), None, 0
+    "A process's lease of one ledger's scopes and its lock, shared by the `Budget`s of those scopes."
+    def __init__(self, c): self.c, self.lock, self.lease, self.amt, self.refs = c, threading.Lock(), None, 0, 0
+    def drop(self):
+        "One budget fewer uses the box: the last one returns the lease (the budget was dropped, or at exit)."
+        with _counters_lock: self.refs -= 1; last = self.refs <= 0
+        if last: self.close()
     def close(self):
         "Write the lease's spending to the ledger and return the rest (calls still in flight are abandoned)."
         with self.lock:
@@ -187,6 +190,16 @@ class _LeaseBox:
                     _return_lease(self.c, L, index)
                     self.c.set(_LEASES, json.dumps(index))
             except Exception as e: log.warning("budget: could not return a lease: %s", e)
+
+_boxes: "weakref.WeakValueDictionary[tuple, _LeaseBox]" = weakref.WeakValueDictionary()
+
+def _box_for(c, key:tuple) -> _LeaseBox:
+    "The process's lease box for `key` (ledger directory, scopes): every budget on the same scopes shares one lease."
+    with _counters_lock:
+        b = _boxes.get(key)
+        if b is None: b = _boxes[key] = _LeaseBox(c)
+        b.refs += 1
+        return b
 
 # %% ../nbs/10_cost.ipynb #c026
 class Budget:
@@ -203,8 +216,9 @@ class Budget:
         self.on_exceed, self.alert_at, self.task, self.lease_seconds = on_exceed, alert_at, task, lease_seconds
         self.on_alert: list = []    # callables(scope, spent_usd, limit_usd)
         self._c = _open_counters(directory) if self.limits else None
-        self._ls = _LeaseBox(self._c)
-        weakref.finalize(self, self._ls.close)     # a lease goes back to the ledger when the budget goes (or at exit)
+        self._ls = _box_for(self._c, (str(Path(directory).resolve()), tuple(sorted(self.limits)))) if self.limits \
+                   else _LeaseBox(None)
+        if self.limits: weakref.finalize(self, self._ls.drop)   # the last budget to go (or exit) returns the lease
         self._day, self._day_end, self._kcache = "", 0.0, []
     @classmethod
     def from_settings(cls, s, task=None) -> "Budget":
@@ -349,7 +363,8 @@ def settle(self:Budget, r:Reservation|None, actual_usd:float):
         if L is not None and (r is None or r.lease is not None):
             if r is not None: L.held = max(0, L.held - r.amount)
             L.spent += amt
-            if L.spent >= L.alert_in: _, crossed, _ = self._sync(0)      # may have crossed a threshold: ask the ledger
+            if L.spent >= L.alert_in or time.monotonic() - L.t > self.lease_seconds:   # near an alert, or stale:
+                _, crossed, _ = self._sync(0)                                          # write back to the ledger
     if L is None or (r is not None and r.lease is None):
         return self._settle_ledger(r if r is not None and r.lease is None else None, amt)
     self._alert(crossed)
