@@ -18,7 +18,8 @@ __all__ = ['log', 'FREE_PROVIDERS', 'ALIASES', 'PricingError', 'genai_price', 'P
 
 # %% ../nbs/10_cost.ipynb #c006
 # Prices: genai-prices (the data bundled in the installed package; never fetched at run time) and [prices].
-FREE_PROVIDERS = {"local"}          # the embedded model: price 0 by declaration, not by being unknown
+FREE_PROVIDERS = {"local", "replay"}  # price 0 by declaration, not by being unknown: the embedded model, and
+                                     # a cassette (a replayed answer is charged as its recorded model at settle)
 ALIASES: dict[str, str] = {}        # model name -> the model it is priced as (exact names; add yours in [prices])
 _GENAI_PROVIDERS = {"openai": "openai", "anthropic": "anthropic"}   # promptsys provider -> genai-prices provider id
 
