@@ -175,10 +175,10 @@ def _reclaim(c, index:dict):
 
 class _LeaseBox:
     "A process's lease of one ledger's scopes and its lock, shared by the `Budget`s of those scopes."
-    def __init__(self, c): self.c, self.lock, self.lease, self.amt, self.refs = c, threading.Lock(), None, 0, 0
+    def __init__(self, c): self.c, self.lock, self.lease, self.amt, self.refs = c, threading.RLock(), None, 0, 0
     def drop(self):
         "One budget fewer uses the box: the last one returns the lease (the budget was dropped, or at exit)."
-        with _counters_lock: self.refs -= 1; last = self.refs <= 0
+        with _boxes_lock: self.refs -= 1; last = self.refs <= 0
         if last: self.close()
     def close(self):
         "Write the lease's spending to the ledger and return the rest (calls still in flight are abandoned)."
@@ -193,10 +193,11 @@ class _LeaseBox:
             except Exception as e: log.warning("budget: could not return a lease: %s", e)
 
 _boxes: "weakref.WeakValueDictionary[tuple, _LeaseBox]" = weakref.WeakValueDictionary()
+_boxes_lock = threading.RLock()    # re-entrant: a budget's finalizer (`drop`) can run inside any allocation
 
 def _box_for(c, key:tuple) -> _LeaseBox:
     "The process's lease box for `key` (ledger directory, scopes): every budget on the same scopes shares one lease."
-    with _counters_lock:
+    with _boxes_lock:
         b = _boxes.get(key)
         if b is None: b = _boxes[key] = _LeaseBox(c)
         b.refs += 1
@@ -206,7 +207,7 @@ def _box_for(c, key:tuple) -> _LeaseBox:
 class Budget:
     "Daily and total budgets, global and per task; `reserve` before a call, `settle` after."
     lease_share = 0.1     # a lease takes at most this share of what the ledger has left ...
-    lease_calls = 100     # ... and at most this many calls' estimates
+    lease_calls = 500     # ... and at most this many calls' estimates
     def __init__(self, directory:Path|None, # Where the counters live (unused when no limit is set)
                  limits:dict[str, float], # e.g. {"global:day": 5.0, "task:sentiment:total": 50}; 0 = no limit
                  on_exceed:str="stop", # stop | warn | downgrade
