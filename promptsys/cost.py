@@ -4,9 +4,9 @@
 
 # %% ../nbs/10_cost.ipynb #c003
 from __future__ import annotations
-import logging, threading, time
-from dataclasses import dataclass
-from datetime import datetime, timezone
+import json, logging, os, socket, threading, time, uuid, weakref
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from fastcore.basics import patch
 from .errors import BudgetExceeded, ConfigError
@@ -14,58 +14,94 @@ from .errors import BudgetExceeded, ConfigError
 log = logging.getLogger("promptsys.cost")
 
 # %% auto #0
-__all__ = ['log', 'PRICES_DATE', 'PRICES_SOURCE', 'PRICES', 'FREE_PROVIDERS', 'PriceTable', 'Reservation', 'Budget']
+__all__ = ['log', 'FREE_PROVIDERS', 'ALIASES', 'PricingError', 'genai_price', 'PriceTable', 'Reservation', 'Budget']
 
 # %% ../nbs/10_cost.ipynb #c006
-PRICES_DATE = "2025-06-01"
-PRICES_SOURCE = ("the providers' public pricing pages (openai.com/api/pricing, anthropic.com/pricing), "
-                 "standard tier")
-PRICES: dict[str, tuple[float, float]] = {   # model: (USD per 1K input tokens, USD per 1K output tokens)
-    "gpt-4o": (0.0025, 0.01), "gpt-4o-mini": (0.00015, 0.0006),
-    "gpt-4.1": (0.002, 0.008), "gpt-4.1-mini": (0.0004, 0.0016), "gpt-4.1-nano": (0.0001, 0.0004),
-    "o3-mini": (0.0011, 0.0044), "o4-mini": (0.0011, 0.0044),
-    "gpt-4-turbo": (0.01, 0.03), "gpt-4": (0.03, 0.06), "gpt-3.5-turbo": (0.0005, 0.0015),
-    "claude-3-5-haiku": (0.0008, 0.004), "claude-3-haiku": (0.00025, 0.00125),
-    "claude-3-5-sonnet": (0.003, 0.015), "claude-3-7-sonnet": (0.003, 0.015), "claude-sonnet-4": (0.003, 0.015),
-    "claude-3-opus": (0.015, 0.075), "claude-opus-4": (0.015, 0.075),
-}
-FREE_PROVIDERS = {"local"}
+# Prices: genai-prices (the data bundled in the installed package; never fetched at run time) and [prices].
+FREE_PROVIDERS = {"local", "replay"}  # price 0 by declaration, not by being unknown: the embedded model, and
+                                     # a cassette (a replayed answer is charged as its recorded model at settle)
+ALIASES: dict[str, str] = {}        # model name -> the model it is priced as (exact names; add yours in [prices])
+_GENAI_PROVIDERS = {"openai": "openai", "anthropic": "anthropic"}   # promptsys provider -> genai-prices provider id
+
+class PricingError(BudgetExceeded):
+    "A call under a budget to a model with no known price: the budget could not count it, so it is refused."
+    hint = ("Price the model in settings.ini: `[prices] <model> = <USD per 1K input tokens>, <USD per 1K output "
+            "tokens>` (`= 0, 0` if it is free), or alias it to a priced model: `[prices] <model> = <priced model>`.")
+
+# %% ../nbs/10_cost.ipynb #c008
+def _usd_1k(x) -> float: return float(getattr(x, "base", x) or 0) / 1000   # tiered prices: the base tier
+
+def genai_price(model:str, # The model name a provider reports or is asked for
+                provider:str="" # promptsys provider name (openai, anthropic, ...): narrows the search
+               ) -> tuple[float, float, str]|None:
+    "(input, output USD per 1K tokens, matched model id) from genai-prices' bundled data; None if unknown."
+    from genai_prices import data_snapshot
+    snap, pid = data_snapshot.get_snapshot(), _GENAI_PROVIDERS.get(provider)
+    for p in dict.fromkeys([pid, None]):
+        try: prov, info = snap.find_provider_model(model, None, p, None)
+        except LookupError: continue
+        mp = info.get_prices(datetime.now(timezone.utc))
+        if mp.input_mtok is None and mp.output_mtok is None: continue
+        return _usd_1k(mp.input_mtok), _usd_1k(mp.output_mtok), f"{prov.id}/{info.id}"
+    return None
 
 # %% ../nbs/10_cost.ipynb #c011
+def _is_number(x:str) -> bool:
+    try: float(x); return True
+    except ValueError: return False
+
 class PriceTable:
-    "USD per 1K tokens per model; dated model names (`gpt-4o-mini-2024-07-18`) match their family."
-    def __init__(self, prices:dict|None=None): # model: (input_per_1k, output_per_1k), over the bundled table
-        self.prices = dict(PRICES, **(prices or {}))
-        self._names = sorted(self.prices, key=len, reverse=True)
+    "USD per 1K tokens per model: `[prices]`, then explicit aliases, then genai-prices; exact names only."
+    def __init__(self, prices:dict|None=None, # model: (input_per_1k, output_per_1k); wins over genai-prices
+                 aliases:dict|None=None): # model: the model it is priced as (over `ALIASES`)
+        self.prices = {k.lower(): tuple(v) for k, v in (prices or {}).items()}
+        self.aliases = {k.lower(): v.lower() for k, v in {**ALIASES, **(aliases or {})}.items()}
+        self._cache: dict[tuple, tuple] = {}
         self._warned: set[str] = set()
     @classmethod
     def from_settings(cls, s) -> "PriceTable":
-        "The bundled table with `[prices]` overrides (`model = input_per_1k, output_per_1k`)."
-        extra = {}
+        "`[prices]`: `model = input_per_1k, output_per_1k`, or `model = other-model` to price it as that one."
+        prices, aliases = {}, {}
         for model, v in s.prices.items():
-            try: a, b = (float(x) for x in str(v).split(","))
-            except ValueError:
-                raise ConfigError(f"[prices] {model} = {v!r}: expected 'input_per_1k, output_per_1k'") from None
-            extra[model] = (a, b)
-        return cls(extra)
-    def price(self, model:str) -> tuple[float, float]|None:
-        "(input, output) USD per 1K tokens of `model` or its family; None if unknown."
-        m = (model or "").lower()
-        if m in self.prices: return self.prices[m]
-        for name in self._names:
-            if m.startswith(name): return self.prices[name]
-        return None
+            parts = [x.strip() for x in str(v).split(",")]
+            if len(parts) == 2 and all(map(_is_number, parts)): prices[model] = tuple(map(float, parts))
+            elif len(parts) == 1 and parts[0] and not _is_number(parts[0]): aliases[model] = parts[0]
+            else: raise ConfigError(f"[prices] {model} = {v!r}: expected 'input_per_1k, output_per_1k' "
+                                    "(USD per 1K tokens) or the name of a priced model")
+        return cls(prices, aliases)
+    def lookup(self, model:str, provider:str="") -> tuple[tuple[float, float]|None, str]:
+        "((input, output) USD per 1K tokens or None, where the price came from)."
+        key = ((model or "").lower(), provider)
+        if key not in self._cache: self._cache[key] = self._find(*key)
+        return self._cache[key]
+    def _find(self, m:str, provider:str):
+        seen = [m]
+        while m in self.aliases and self.aliases[m] not in seen: m = self.aliases[m]; seen.append(m)
+        via = f" (alias of {m})" if len(seen) > 1 else ""
+        if m in self.prices: return self.prices[m], f"[prices] {m}" + via
+        g = genai_price(m, provider) if m else None
+        return (g[:2], f"genai-prices {g[2]}" + via) if g else (None, "no price" + via)
+    def price(self, model:str, provider:str="") -> tuple[float, float]|None:
+        "(input, output) USD per 1K tokens of exactly `model`; None if unknown."
+        return self.lookup(model, provider)[0]
 
 # %% ../nbs/10_cost.ipynb #c015
 @patch
-def cost(self:PriceTable, model:str, provider:str, tokens_in:int, tokens_out:int) -> float:
-    "USD for one call (0 for the local model; 0 with a warning once for an unpriced model)."
+def cost(self:PriceTable, model:str, provider:str, tokens_in:int, tokens_out:int,
+         required:bool=False, # Raise `PricingError` for an unpriced model instead of counting $0
+         default:float|None=None # USD to count for an unpriced model instead (e.g. the call's reservation)
+        ) -> float:
+    "USD for one call (0 for the local model)."
     if provider in FREE_PROVIDERS: return 0.0
-    p = self.price(model)
+    p = self.price(model, provider)
     if p is None:
+        if default is not None: return default
+        if required:
+            raise PricingError(f"no price for model {model!r} ({provider}): a budget is in force and cannot count "
+                               f"this call's cost, so it is refused", model=model, scope="prices")
         if model not in self._warned:
             self._warned.add(model)
-            log.warning("no price for model %r: its calls count as $0; add it to [prices] in settings.ini", model)
+            log.warning("no price for model %r: its calls count as $0; price it in [prices] in settings.ini", model)
         return 0.0
     return (tokens_in * p[0] + tokens_out * p[1]) / 1000.0
 
@@ -75,6 +111,7 @@ class Reservation:
     "An amount held against some budget scopes until the call's real cost is known."
     amount: int           # micro-dollars
     scopes: tuple
+    lease: object = field(default=None, repr=False, compare=False)   # its process lease; None: on the ledger
 
 def _usd(micro:int) -> float: return micro / 1e6
 def _micro(usd:float) -> int: return int(round(usd * 1e6))
@@ -92,18 +129,99 @@ def _open_counters(directory:Path):
             _counters[k] = diskcache.Cache(k, timeout=10, cull_limit=0, eviction_policy="none")
         return _counters[k]
 
+# %% ../nbs/10_cost.ipynb #c039
+def _row(c, key:str) -> list[int]:
+    "[spent, held, alerted] of one scope (micro-dollars) in counter store `c`."
+    v = c.get(key)
+    return [int(x) for x in v.split()] if v else [0, 0, 0]
+
+def _put(c, key:str, row:list[int]): c.set(key, " ".join(map(str, row)))
+
+@dataclass
+class _Lease:
+    "This process's slice of a budget, taken from the ledger and spent in memory."
+    id: str
+    keys: tuple              # counter keys it is held on
+    granted: int             # micro-$ held on the ledger for it
+    held: int = 0            # reserved by this process's calls in flight
+    spent: int = 0           # settled here, not yet written to the ledger
+    t: float = 0.0           # time.monotonic() when taken
+    base: dict|None = None   # counter key: the ledger's spent when it was taken
+    alert_in: float = float("inf")   # spending here that would take some scope past its alert threshold
+    @property
+    def free(self) -> int: return self.granted - self.held - self.spent
+
+_HOST, _LEASES = socket.gethostname(), "leases"    # the ledger's lease index: {id: [host, pid, micro-$, [keys]]}
+
+def _alive(pid:int) -> bool:
+    try: os.kill(pid, 0); return True
+    except ProcessLookupError: return False
+    except PermissionError: return True
+
+def _return_lease(c, L:_Lease, index:dict):
+    "Inside a transaction: write lease `L`'s spending to the ledger and drop its hold."
+    for k in L.keys:
+        r = _row(c, k); r[1] = max(0, r[1] - L.granted); r[0] += L.spent; _put(c, k, r)
+    index.pop(L.id, None)
+
+def _reclaim(c, index:dict):
+    "Inside a transaction: count the leases of this host's dead processes as spent (what they spent is unknown)."
+    for lid, (host, pid, granted, keys) in list(index.items()):
+        if host == _HOST and pid != os.getpid() and not _alive(pid):
+            for k in keys:
+                r = _row(c, k); r[1] = max(0, r[1] - granted); r[0] += granted; _put(c, k, r)
+            del index[lid]
+            log.warning("budget: process %s died holding a lease of $%.6f; counted as spent", pid, _usd(granted))
+
+class _LeaseBox:
+    "A process's lease of one ledger's scopes and its lock, shared by the `Budget`s of those scopes."
+    def __init__(self, c): self.c, self.lock, self.lease, self.amt, self.refs = c, threading.RLock(), None, 0, 0
+    def drop(self):
+        "One budget fewer uses the box: the last one returns the lease (the budget was dropped, or at exit)."
+        with _boxes_lock: self.refs -= 1; last = self.refs <= 0
+        if last: self.close()
+    def close(self):
+        "Write the lease's spending to the ledger and return the rest (calls still in flight are abandoned)."
+        with self.lock:
+            L, self.lease = self.lease, None
+            if L is None or self.c is None: return
+            try:
+                with self.c.transact():
+                    index = json.loads(self.c.get(_LEASES) or "{}")
+                    _return_lease(self.c, L, index)
+                    self.c.set(_LEASES, json.dumps(index))
+            except Exception as e: log.warning("budget: could not return a lease: %s", e)
+
+_boxes: "weakref.WeakValueDictionary[tuple, _LeaseBox]" = weakref.WeakValueDictionary()
+_boxes_lock = threading.RLock()    # re-entrant: a budget's finalizer (`drop`) can run inside any allocation
+
+def _box_for(c, key:tuple) -> _LeaseBox:
+    "The process's lease box for `key` (ledger directory, scopes): every budget on the same scopes shares one lease."
+    with _boxes_lock:
+        b = _boxes.get(key)
+        if b is None: b = _boxes[key] = _LeaseBox(c)
+        b.refs += 1
+        return b
+
 # %% ../nbs/10_cost.ipynb #c026
 class Budget:
     "Daily and total budgets, global and per task; `reserve` before a call, `settle` after."
+    lease_share = 0.1     # a lease takes at most this share of what the ledger has left ...
+    lease_calls = 500     # ... and at most this many calls' estimates
     def __init__(self, directory:Path|None, # Where the counters live (unused when no limit is set)
                  limits:dict[str, float], # e.g. {"global:day": 5.0, "task:sentiment:total": 50}; 0 = no limit
                  on_exceed:str="stop", # stop | warn | downgrade
                  alert_at:float=0.8, # Alert once per scope when spending crosses this share of its limit
-                 task:str=""):
+                 task:str="",
+                 lease_seconds:float=2.0): # Return a process's lease to the ledger after this long; 0 = no leases
         self.limits = {k: v for k, v in limits.items() if v and v > 0}
-        self.on_exceed, self.alert_at, self.task = on_exceed, alert_at, task
+        self.on_exceed, self.alert_at, self.task, self.lease_seconds = on_exceed, alert_at, task, lease_seconds
         self.on_alert: list = []    # callables(scope, spent_usd, limit_usd)
         self._c = _open_counters(directory) if self.limits else None
+        self._ls = _box_for(self._c, (str(Path(directory).resolve()), tuple(sorted(self.limits)))) if self.limits \
+                   else _LeaseBox(None)
+        if self.limits: weakref.finalize(self, self._ls.drop)   # the last budget to go (or exit) returns the lease
+        self._day, self._day_end, self._kcache = "", 0.0, []
     @classmethod
     def from_settings(cls, s, task=None) -> "Budget":
         "The budgets of settings `s`' `[budget]`, and of `task`'s `[budget]` table if a task is given."
@@ -114,7 +232,7 @@ class Budget:
             limits[f"task:{task.name}:day"] = float(tb.get("daily_usd", 0))
             limits[f"task:{task.name}:total"] = float(tb.get("total_usd", 0))
         return cls(Path(s.promptsys.state_dir) / "budget", limits, b.on_exceed, b.alert_at,
-                   task.name if task else "")
+                   task.name if task else "", b.lease_seconds)
     @property
     def active(self) -> bool: return bool(self.limits)
     def __repr__(self): return f"Budget({self.limits}, on_exceed={self.on_exceed!r})"
@@ -123,44 +241,48 @@ class Budget:
 @patch
 def _keys(self:Budget) -> list[tuple[str, str, float]]:
     "(scope, counter key, limit) of every scope in force."
-    day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    return [(scope, scope.replace(":day", f":day:{day}"), lim) for scope, lim in self.limits.items()]
+    if time.time() >= self._day_end:
+        now = datetime.now(timezone.utc)
+        self._day = now.strftime("%Y-%m-%d")
+        self._day_end = (now.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)).timestamp()
+        self._kcache = [(scope, scope.replace(":day", f":day:{self._day}"), lim) for scope, lim in self.limits.items()]
+        self._ktuple = tuple(k for _, k, _ in self._kcache)
+    return self._kcache
 
 # %% ../nbs/10_cost.ipynb #c032
 @patch
-def _row(self:Budget, key:str) -> list[int]:
-    "[spent, held, alerted] of one scope (micro-dollars)."
-    v = self._c.get(key)
-    return [int(x) for x in v.split()] if v else [0, 0, 0]
-
+def _row(self:Budget, key:str) -> list[int]: return _row(self._c, key)
 @patch
-def _put(self:Budget, key:str, row:list[int]): self._c.set(key, " ".join(map(str, row)))
+def _put(self:Budget, key:str, row:list[int]): _put(self._c, key, row)
 
 # %% ../nbs/10_cost.ipynb #c035
+def _refusal(scope:str, used:float, lim:float, estimate_usd:float, model:str) -> BudgetExceeded:
+    return BudgetExceeded(f"budget {scope} would be exceeded: ${used:.6f} spent or held of ${lim:.6f}, "
+                          f"this call ~${estimate_usd:.6f} on {model or 'the model'}", scope=scope)
+
 @patch
-def reserve(self:Budget, estimate_usd:float, model:str="") -> Reservation|None:
-    "Hold `estimate_usd` against every budget in scope, or raise `BudgetExceeded`."
-    if not self.limits or estimate_usd <= 0: return None
+def _alert(self:Budget, crossed:list):
+    "Log and call `on_alert` for each (scope, spent, limit) that crossed `alert_at` (a failing callback is logged)."
+    for scope, spent, lim in crossed:
+        log.warning("budget %s at %.0f%% ($%.6f of $%.6f)", scope, 100 * spent / lim, spent, lim)
+        for cb in list(self.on_alert):
+            try: cb(scope, spent, lim)
+            except Exception as e: log.warning("budget alert callback failed: %s", e)
+
+@patch
+def _reserve_ledger(self:Budget, estimate_usd:float, model:str="") -> Reservation:
     amt, keys = _micro(estimate_usd), self._keys()
     with self._c.transact():
         rows = [self._row(key) for _, key, _ in keys]
         over = [(scope, _usd(r[0] + r[1]), lim) for (scope, _, lim), r in zip(keys, rows)
                 if r[0] + r[1] + amt > _micro(lim)]
-        if over and self.on_exceed != "warn":
-            scope, used, lim = over[0]
-            raise BudgetExceeded(f"budget {scope} would be exceeded: ${used:.6f} spent or held of ${lim:.6f}, "
-                                 f"this call ~${estimate_usd:.6f} on {model or 'the model'}", scope=scope)
+        if over and self.on_exceed != "warn": raise _refusal(*over[0], estimate_usd, model)
         for (_, key, _), r in zip(keys, rows): r[1] += amt; self._put(key, r)
     for scope, used, lim in over: log.warning("budget %s exceeded ($%.6f of $%.6f); on_exceed=warn", scope, used, lim)
     return Reservation(amt, tuple(k for _, k, _ in keys))
 
-# %% ../nbs/10_cost.ipynb #c039
 @patch
-def settle(self:Budget, r:Reservation|None, actual_usd:float):
-    "Replace a reservation by the call's real cost (also charges calls made without a reservation)."
-    if not self.limits: return
-    amt = _micro(actual_usd)
-    if r is None and amt <= 0: return
+def _settle_ledger(self:Budget, r:Reservation|None, amt:int):
     crossed = []
     with self._c.transact():
         for scope, key, lim in self._keys():
@@ -170,30 +292,110 @@ def settle(self:Budget, r:Reservation|None, actual_usd:float):
             if not row[2] and row[0] >= _micro(lim) * self.alert_at:
                 row[2] = 1; crossed.append((scope, _usd(row[0]), lim))
             self._put(key, row)
-    for scope, spent, lim in crossed:
-        log.warning("budget %s at %.0f%% ($%.6f of $%.6f)", scope, 100 * spent / lim, spent, lim)
-        for cb in list(self.on_alert):
-            try: cb(scope, spent, lim)
-            except Exception as e: log.warning("budget alert callback failed: %s", e)
+    self._alert(crossed)
+
+@patch
+def _release_ledger(self:Budget, r:Reservation):
+    with self._c.transact():
+        for k in r.scopes:
+            row = self._row(k); row[1] = max(0, row[1] - r.amount); self._put(k, row)
+
+# %% ../nbs/10_cost.ipynb #c041
+@patch
+def _sync(self:Budget, amt:int, model:str="") -> tuple[_Lease, list, BudgetExceeded|None]:
+    "One transaction: return this process's lease, take one for its calls in flight plus `amt` (micro-$)."
+    keys, box, c = self._keys(), self._ls, self._c
+    ks, L = self._ktuple, box.lease
+    carry = L.held if L else 0
+    crossed, over = [], []
+    with c.transact():
+        index = json.loads(c.get(_LEASES) or "{}")
+        _reclaim(c, index)
+        if L is not None: _return_lease(c, L, index)
+        rows = [_row(c, k) for k in ks]
+        avail = min(_micro(lim) - r[0] - r[1] for (_, _, lim), r in zip(keys, rows))
+        need = carry + amt
+        if amt and avail < need:
+            over = [(scope, _usd(r[0] + r[1] + carry), lim) for (scope, _, lim), r in zip(keys, rows)
+                    if r[0] + r[1] + need > _micro(lim)]
+        if over and self.on_exceed != "warn": grant = carry
+        else: grant = need + max(0, min(avail - need, int(avail * self.lease_share),
+                                        max(amt, box.amt) * (self.lease_calls - 1)))
+        for (scope, k, lim), r in zip(keys, rows):
+            r[1] += grant
+            if not r[2] and r[0] >= _micro(lim) * self.alert_at: r[2] = 1; crossed.append((scope, _usd(r[0]), lim))
+            _put(c, k, r)
+        lid = uuid.uuid4().hex[:12]
+        if grant: index[lid] = [_HOST, os.getpid(), grant, list(ks)]
+        c.set(_LEASES, json.dumps(index))
+    alert_in = min([_micro(lim) * self.alert_at - r[0] for (_, _, lim), r in zip(keys, rows) if not r[2]],
+                   default=float("inf"))
+    box.lease = _Lease(lid, ks, grant, carry, 0, time.monotonic(), {k: r[0] for k, r in zip(ks, rows)}, alert_in)
+    for scope, used, lim in (over if self.on_exceed == "warn" else []):
+        log.warning("budget %s exceeded ($%.6f of $%.6f); on_exceed=warn", scope, used, lim)
+    return box.lease, crossed, (_refusal(*over[0], _usd(amt), model) if over and self.on_exceed != "warn" else None)
 
 # %% ../nbs/10_cost.ipynb #c043
+@patch
+def reserve(self:Budget, estimate_usd:float, model:str="") -> Reservation|None:
+    "Hold `estimate_usd` against every budget in scope, or raise `BudgetExceeded`."
+    if not self.limits or estimate_usd <= 0: return None
+    if not self.lease_seconds: return self._reserve_ledger(estimate_usd, model)
+    amt, box, crossed, err = _micro(estimate_usd), self._ls, [], None
+    with box.lock:
+        self._keys()
+        L, ks = box.lease, self._ktuple
+        if L is None or L.free < amt or L.keys != ks or time.monotonic() - L.t > self.lease_seconds:
+            box.amt = amt
+            L, crossed, err = self._sync(amt, model)
+        if err is None: L.held += amt
+    self._alert(crossed)
+    if err is not None: raise err
+    return Reservation(amt, L.keys, L)
+
+@patch
+def settle(self:Budget, r:Reservation|None, actual_usd:float):
+    "Replace a reservation by the call's real cost (also charges calls made without a reservation)."
+    if not self.limits: return
+    amt = _micro(actual_usd)
+    if r is None and amt <= 0: return
+    box, crossed = self._ls, []
+    with box.lock:
+        L = box.lease
+        if L is not None and (r is None or r.lease is not None):
+            if r is not None: L.held = max(0, L.held - r.amount)
+            L.spent += amt
+            if L.spent >= L.alert_in or time.monotonic() - L.t > self.lease_seconds:   # near an alert, or stale:
+                _, crossed, _ = self._sync(0)                                          # write back to the ledger
+    if L is None or (r is not None and r.lease is None):
+        return self._settle_ledger(r if r is not None and r.lease is None else None, amt)
+    self._alert(crossed)
+
 @patch
 def release(self:Budget, r:Reservation|None):
     "Drop a reservation whose call never happened (it failed before costing anything)."
     if r is None or not self.limits: return
-    with self._c.transact():
-        for k in r.scopes:
-            row = self._row(k); row[1] = max(0, row[1] - r.amount); self._put(k, row)
+    if r.lease is None: return self._release_ledger(r)
+    with self._ls.lock:
+        if self._ls.lease is not None: self._ls.lease.held = max(0, self._ls.lease.held - r.amount)
+
+@patch
+def flush(self:Budget):
+    "Write this process's spending to the ledger and return the rest of its lease."
+    self._ls.close()
 
 # %% ../nbs/10_cost.ipynb #c046
 @patch
 def spent(self:Budget) -> dict[str, float]:
     "USD spent so far per scope (today's for daily scopes)."
     if not self.limits: return {}
-    return {scope: _usd(self._row(key)[0]) for scope, key, _ in self._keys()}
+    L = self._ls.lease
+    return {scope: _usd(self._row(key)[0] + (L.spent if L and key in L.keys else 0)) for scope, key, _ in self._keys()}
 
 @patch
 def held(self:Budget) -> dict[str, float]:
-    "USD reserved by calls in flight per scope."
+    "USD reserved by calls in flight (and other processes' leases) per scope."
     if not self.limits: return {}
-    return {scope: _usd(self._row(key)[1]) for scope, key, _ in self._keys()}
+    L = self._ls.lease
+    return {scope: _usd(self._row(key)[1] - (L.granted - L.held if L and key in L.keys else 0))
+            for scope, key, _ in self._keys()}

@@ -553,8 +553,8 @@ def _calibration(self:Pipeline, pv) -> list:
 @patch
 def _estimate(self:Pipeline, call:_Call, group:Group) -> float:
     "Upper-bound cost of calling `group`: estimated prompt tokens plus the full `max_tokens` answer."
-    p = group.targets[0].provider
-    return self.prices.cost(p.model, p.name, p.estimate_request_tokens(call.req), call.req.max_tokens)
+    p = group.targets[0].provider     # asked only under a budget: an unpriced model is refused (PricingError)
+    return self.prices.cost(p.model, p.name, p.estimate_request_tokens(call.req), call.req.max_tokens, required=True)
 
 # %% ../nbs/15_pipeline.ipynb #c081
 @patch
@@ -572,7 +572,8 @@ def _plan(self:Pipeline, call:_Call, group:Group):
 # %% ../nbs/15_pipeline.ipynb #c082
 @patch
 def _settle(self:Pipeline, call:_Call, c:Completion, reservation):
-    cost = self.prices.cost(c.model or "", c.provider, c.tokens_in, c.tokens_out)
+    held = None if reservation is None else reservation.amount / 1e6    # an answer naming an unpriced model: its hold
+    cost = self.prices.cost(c.model or "", c.provider, c.tokens_in, c.tokens_out, default=held)
     self.budget.settle(reservation, cost)
     call.cost += cost; call.tokens_in += c.tokens_in; call.tokens_out += c.tokens_out
 

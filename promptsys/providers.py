@@ -16,8 +16,9 @@ from .prompts import OutputSchema
 from .validation import gbnf, json_schema
 
 # %% auto #0
-__all__ = ['PROVIDER_MODULES', 'Request', 'Completion', 'Provider', 'AiohttpTransport', 'HTTPProvider', 'OpenAIProvider',
-           'AnthropicProvider', 'ReplayProvider', 'register_provider', 'provider_factory', 'make_provider']
+__all__ = ['PROVIDER_MODULES', 'Request', 'Completion', 'estimate_tokens', 'Provider', 'AiohttpTransport', 'HTTPProvider',
+           'OpenAIProvider', 'AnthropicProvider', 'ReplayProvider', 'register_provider', 'provider_factory',
+           'make_provider']
 
 # %% ../nbs/04_providers.ipynb #c006
 @dataclass(slots=True)
@@ -53,6 +54,18 @@ class Completion:
     finish_reason: str = ""
     def to_dict(self): return asdict(self)
 
+# %% ../nbs/04_providers.ipynb #c011_t2
+import re
+_PIECES = re.compile(r"[A-Za-z]{1,8}|\d|\n+|[ \t]{4,}|[^\w\s]|[^\x00-\x7f]")   # one token each
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")    # Han and kana: +1 each
+_HANGUL = re.compile(r"[\uac00-\ud7af]")                                       # Hangul syllables: +2 each
+
+def estimate_tokens(text:str) -> int:
+    "Estimated tokens of `text` by script (no tokenizer): words, digits, symbols, CJK and other characters."
+    n = len(_PIECES.findall(text))
+    if not text.isascii(): n += len(_CJK.findall(text)) + 2 * len(_HANGUL.findall(text))
+    return max(1, n)
+
 # %% ../nbs/04_providers.ipynb #c013
 class Provider:
     "Base class: `complete(req)` and `await acomplete(req)` return a `Completion`."
@@ -65,8 +78,8 @@ class Provider:
         import asyncio
         return await asyncio.to_thread(self.complete, req)
     def count_tokens(self, text:str) -> int:
-        "Estimated tokens of `text` before a call: ~4 characters a token (OpenAI's rule of thumb for English)."
-        return max(1, (len(text) + 3) // 4)
+        "Estimated tokens of `text` before a call (`estimate_tokens`; a provider with a tokenizer counts exactly)."
+        return estimate_tokens(text)
     def estimate_request_tokens(self, req:Request) -> int:
         "Estimated prompt tokens: the messages' tokens plus 4 per message of chat framing."
         return sum(self.count_tokens(m["content"]) + 4 for m in req.messages)

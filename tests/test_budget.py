@@ -2,8 +2,9 @@
 
 The model is an OpenAI-compatible fake server (tests/fakeserver.py) priced through a [prices] override at
 $1 per 1K tokens, so a call costs a few cents and a budget of a dollar or two lasts a few dozen calls.
-The fake server reports usage as ~4 characters a token, like promptsys's pre-call estimate, so the
-estimate (prompt + max_tokens) is an upper bound of the real cost.
+The fake server reports usage as ~4 characters a token; promptsys's pre-call estimate (its script-aware
+prompt estimate + the full max_tokens answer) stays above that for these short English reviews, so the
+estimate is an upper bound of the real cost.
 """
 from __future__ import annotations
 import asyncio, json, logging, shutil, subprocess, sys, time
@@ -175,3 +176,81 @@ def test_cancelled_call_releases_its_reservation(tmp_path, fake_server):
     asyncio.run(go())
     import gc; gc.collect()
     assert p.budget.held()["global:total"] == 0.0
+
+
+def test_unpriced_model_is_refused_under_a_budget(tmp_path, fake_server, caplog):
+    "Issue 6: an unknown model cost $0, so `daily_usd = 5` never stopped it. Now refused, typed, saying how to price it."
+    _, url = fake_server()
+    ov = {**PRICED, "openai.base_url": v1(url), "openai.model": "unlisted-model", "budget.daily_usd": 5}
+    p = Pipeline("sentiment", 1, settings=make_settings(tmp_path, **ov))
+    with pytest.raises(BudgetExceeded) as ei: p.run("great")
+    e = ei.value
+    assert type(e).__name__ == "PricingError" and "unlisted-model" in str(e)
+    assert "[prices] <model> = " in e.hint                 # says how to price it
+    assert stats(url)["total"] == 0                        # never called
+    # priced by declaration (free): it goes through, under the same budget
+    p2 = Pipeline("sentiment", 1, settings=make_settings(tmp_path, **{**ov, "prices.unlisted-model": "0, 0"}))
+    assert p2.run("great").ok and stats(url)["ok"] == 1
+    # an alias to a priced model prices it as that model
+    p3 = Pipeline("sentiment", 1, settings=make_settings(tmp_path, **{**ov, "prices.unlisted-model": "fake-model"}))
+    r = p3.run("terrible")
+    assert r.ok and r.cost_usd == pytest.approx((r.tokens_in + r.tokens_out) / 1000)
+    # without a budget nothing depends on the price: the call goes through at $0, with a warning
+    caplog.set_level(logging.WARNING, logger="promptsys.cost")
+    p4 = Pipeline("sentiment", 1, settings=make_settings(tmp_path, **{**ov, "budget.daily_usd": 0}))
+    assert p4.run("great").cost_usd == 0 and any("no price for model" in m.getMessage() for m in caplog.records)
+
+
+def test_newer_models_are_not_priced_as_their_prefix(tmp_path):
+    "Issue 6: prefix matching priced claude-opus-4-5 as claude-opus-4 ($15/$75 per M instead of $5/$25)."
+    from promptsys.cost import PriceTable
+    pt = PriceTable.from_settings(make_settings(tmp_path))
+    assert pt.cost("claude-opus-4-5", "anthropic", 10**6, 0) == pytest.approx(5.0)
+    assert pt.cost("claude-opus-4", "anthropic", 10**6, 0) == pytest.approx(15.0)
+    assert pt.price("gpt-4o-mini-2024-07-18", "openai") == pt.price("gpt-4o-mini", "openai")   # a listed snapshot
+    assert pt.price("gpt-4o-mini-ft-mycompany", "openai") is None                          # not a loose prefix
+
+
+_LEASE_WORKER = r"""
+import json, sys, time
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+from pathlib import Path
+from promptsys.cost import Budget
+cfg = json.loads(sys.argv[2])
+b = Budget(Path(cfg["dir"]), {"global:total": cfg["limit"]})
+ready = Path(cfg["dir"] + "-ready"); ready.mkdir(exist_ok=True); (ready / str(cfg["worker"])).touch()
+t_end = time.time() + 60
+while len(list(ready.iterdir())) < cfg["n"] and time.time() < t_end: time.sleep(0.002)   # start together
+spent = n = 0
+while True:
+    try: r = b.reserve(0.003)
+    except Exception: break
+    time.sleep(0.001)                                # the call
+    b.settle(r, 0.002 + 0.001 * (n % 2)); spent += 0.002 + 0.001 * (n % 2); n += 1
+if cfg["die"]: import os; os._exit(0)          # dies holding its lease: never returned
+print(json.dumps({"spent": spent, "calls": n}))
+"""
+
+def test_leases_keep_the_limit_across_processes_and_count_a_dead_ones_lease(tmp_path):
+    "Budget leases: 3 processes spend one ledger in memory; the ledger never lets them pass the limit."
+    limit, d = 0.5, tmp_path / "ledger"
+    run = lambda w: subprocess.Popen([sys.executable, "-c", _LEASE_WORKER, str(ROOT),
+                                      json.dumps({"dir": str(d), "limit": limit, "die": False, "worker": w, "n": 3})],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [run(w) for w in range(3)]
+    outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    total = sum(o["spent"] for o in outs)
+    assert all(o["calls"] > 0 for o in outs) and limit - 0.003 < total <= limit + 1e-9
+    b = Budget(d, {"global:total": limit})
+    assert b.spent()["global:total"] == pytest.approx(total) and b.held()["global:total"] == 0
+    assert json.loads(b._c.get("leases")) == {}            # every lease went back at exit
+    # a process that dies holding a lease: the next one to take a lease counts it as spent (conservative)
+    d2 = tmp_path / "ledger2"
+    b2 = Budget(d2, {"global:total": 1.0})
+    p = subprocess.Popen([sys.executable, "-c", _LEASE_WORKER.replace("while True", "while n < 3"), str(ROOT),
+                          json.dumps({"dir": str(d2), "limit": 1.0, "die": True, "worker": 0, "n": 1})])
+    p.wait(timeout=60)
+    held = b2.held()["global:total"]
+    assert held > 0                                         # its lease, still held on the ledger
+    b2.settle(b2.reserve(0.003), 0.003)
+    assert b2.held()["global:total"] == 0 and b2.spent()["global:total"] == pytest.approx(held + 0.003)
