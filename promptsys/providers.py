@@ -101,9 +101,12 @@ def _http_error(resp:httpx.Response, endpoint:str) -> ProviderError:
 # %% ../nbs/04_providers.ipynb #c026
 def _transport_error(e:Exception, endpoint:str) -> ProviderError:
     "The typed error for an httpx transport failure: `ProviderTimeout`, or a failed connection."
-    if isinstance(e, httpx.TimeoutException):
+    cause = e.__cause__
+    refused = isinstance(cause, OSError) and not isinstance(cause, TimeoutError)   # e.g. aiohttp's connector error
+    if isinstance(e, httpx.TimeoutException) and not refused:
         return ProviderTimeout(f"{endpoint} timed out ({type(e).__name__})", retryable=True, endpoint=endpoint)
-    return ProviderError(f"{endpoint}: connection failed ({type(e).__name__}: {redact(str(e), 200)})",
+    err = cause if refused else e
+    return ProviderError(f"{endpoint}: connection failed ({type(err).__name__}: {redact(str(err), 200)})",
                          "Check that the server is running and the base_url in settings.ini.",
                          retryable=True, endpoint=endpoint)
 
