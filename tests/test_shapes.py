@@ -123,7 +123,8 @@ def test_base_urls_from_the_environment_when_settings_keep_the_default(env, monk
     monkeypatch.setenv("ANTHROPIC_BASE_URL", env["url"])
     monkeypatch.setenv("PROMPTSYS_TEST_ANTHROPIC_KEY", "sk-ant-test-not-real")
     default = {**env["ov"], "openai.base_url": "https://api.openai.com/v1",
-               "anthropic.base_url": "https://api.anthropic.com", "anthropic.api_key_env": "PROMPTSYS_TEST_ANTHROPIC_KEY"}
+               "anthropic.base_url": "https://api.anthropic.com",
+               "anthropic.api_key_env": "PROMPTSYS_TEST_ANTHROPIC_KEY"}
     for provider, path in (("openai", "/v1/chat/completions"), ("anthropic", "/v1/messages")):
         s = load_settings(ROOT / "settings.ini", overrides={**default, "model.provider": provider}, env={})
         before = len(requests(env["url"]))
@@ -135,6 +136,24 @@ def test_base_urls_from_the_environment_when_settings_keep_the_default(env, monk
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
     s = load_settings(ROOT / "settings.ini", overrides={**env["ov"]}, env={})
     assert Pipeline("route", 1, settings=s).run(subject="Mug", body="Terrible smell").endpoint == env["url"] + "/v1"
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b'{"version": 1, "entries": []}', b'{"entries": {"k": "v"}}',
+                                     b'{"entries": {"k": {"response": {"words": "positive"}}}}',
+                                     b"\x89PNG\r\n\x1a\n\x00\xff\xfe", b"\xff\xfe{}"])
+def test_a_cassette_of_the_wrong_shape_is_a_config_error_not_a_traceback(env, tmp_path, content):
+    cassette = tmp_path / "bad.json"
+    cassette.write_bytes(content)
+    sets = [f"{k}={v}" for k, v in {**env["ov"], "model.provider": "replay", "replay.cassette": str(cassette)}.items()]
+    out = subprocess.run([sys.executable, "-m", "promptsys.cli", *[a for kv in sets for a in ("--set", kv)],
+                          "run", "route", "--var", "subject=Mug", "--var", "body=Terrible smell"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert f"cassette {cassette}" in out.stderr and "record again" in out.stderr, out.stderr
+    with pytest.raises(ConfigError):
+        Pipeline("route", 1, settings=load_settings(ROOT / "settings.ini", env={}, overrides={
+            **env["ov"], "model.provider": "replay", "replay.cassette": str(cassette)})).run(subject="a", body="b")
 
 
 def test_bad_inputs_name_the_variable(env):
