@@ -160,6 +160,7 @@ class HTTPProvider(Provider):
         self.base_url = self.endpoint = redact_url(base_url)   # what every record, breaker and log line sees
         clean, self.auth = _without_userinfo(base_url)
         self.url, self.model = clean + self.path, model
+        self._target = httpx.URL(self.url)   # parsed once: httpx would parse a str on every call (~40 µs)
         self.api_key_env = api_key_env
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self.limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
@@ -211,7 +212,7 @@ def _finish(self:HTTPProvider, resp:httpx.Response, t0:float) -> Completion:
 def complete(self:HTTPProvider, req:Request) -> Completion:
     content = json.dumps(self.body(req)).encode()
     t0 = time.perf_counter()
-    try: resp = self.client.post(self.url, content=content)
+    try: resp = self.client.post(self._target, content=content)
     except httpx.HTTPError as e: raise _transport_error(e, self.endpoint) from None
     return self._finish(resp, t0)
 
@@ -220,7 +221,7 @@ async def acomplete(self:HTTPProvider, req:Request) -> Completion:
     content = json.dumps(self.body(req)).encode()
     t0 = time.perf_counter()
     client = await self.aclient()
-    try: resp = await client.post(self.url, content=content)
+    try: resp = await client.post(self._target, content=content)
     except httpx.HTTPError as e: raise _transport_error(e, self.endpoint) from None
     return self._finish(resp, t0)
 
