@@ -102,7 +102,8 @@ def _http_error(resp:httpx.Response, endpoint:str) -> ProviderError:
 def _transport_error(e:Exception, endpoint:str) -> ProviderError:
     "The typed error for an httpx transport failure: `ProviderTimeout`, or a failed connection."
     cause = e.__cause__
-    refused = isinstance(cause, OSError) and not isinstance(cause, TimeoutError)   # e.g. aiohttp's connector error
+    refused = (cause is not None and not isinstance(cause, TimeoutError)         # an aiohttp error, not a timeout
+               and (isinstance(cause, OSError) or type(cause).__module__.startswith("aiohttp")))
     if isinstance(e, httpx.TimeoutException) and not refused:
         return ProviderTimeout(f"{endpoint} timed out ({type(e).__name__})", retryable=True, endpoint=endpoint)
     err = cause if refused else e
