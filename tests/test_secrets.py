@@ -6,6 +6,13 @@ can; then everything promptsys produced is searched for the key: every log recor
 httpx, httpcore), the per-call records (sinks, the JSONL file), exception messages / reprs / tracebacks,
 the reprs of settings, providers, pipelines, breakers, budgets, a recorded replay cassette, and every file
 under the test's state, cache and records directories.
+
+Three more roads, in two more tests: a server's error body that quotes the key right where it is cut to 300
+characters (no prefix of the key may survive); a model that answers with the API key and the base URL's
+password in its text, with `user:password@` in the base URL (the answer is scrubbed before it is cached,
+recorded in a cassette, written to records and the metrics store, or printed by `promptsys run --json`; the
+endpoint every consumer sees — records, metrics rows, breaker keys — is the redacted URL, and the calls still
+authenticate: the fake server requires those credentials).
 """
 from __future__ import annotations
 import asyncio, json, logging, traceback
