@@ -26,6 +26,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                    api_key_env=("str", "OPENAI_API_KEY"), model=("str", "gpt-4o-mini"),
                    balance=(("round_robin", "least_in_flight"), "round_robin"),
                    constrain=(("none", "json_schema", "grammar"), "none"),
+                   max_tokens_param=(("auto", "max_tokens", "max_completion_tokens"), "auto"),
                    connect_timeout=("float", 5.0), read_timeout=("float", 60.0), max_connections=("int", 100)),
     "anthropic": dict(base_url=("str", "https://api.anthropic.com"), api_key_env=("str", "ANTHROPIC_API_KEY"),
                       model=("str", "claude-3-5-haiku-latest"), api_version=("str", "2023-06-01"),

@@ -4,10 +4,10 @@
 
 # %% ../nbs/00_errors.ipynb #c003
 from __future__ import annotations
-import os, re
+import os, re, threading, urllib.parse
 
 # %% auto #0
-__all__ = ['register_secret', 'redact', 'PromptsysError', 'ConfigError', 'PromptNotFound', 'TemplateError',
+__all__ = ['register_secret', 'redact', 'scrub', 'redact_url', 'PromptsysError', 'ConfigError', 'PromptNotFound', 'TemplateError',
            'InputValidationError', 'OutputValidationError', 'ProviderError', 'ProviderTimeout', 'RateLimited',
            'CircuitOpen', 'BudgetExceeded', 'CassetteMiss', 'DatasetError', 'GateFailed', 'TrackingError',
            'RolloutError']
@@ -15,10 +15,16 @@ __all__ = ['register_secret', 'redact', 'PromptsysError', 'ConfigError', 'Prompt
 # %% ../nbs/00_errors.ipynb #c006
 _SECRET_NAME = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD)", re.I)
 _registered: set[str] = set()
+_registered_re: re.Pattern|None = None      # the registered values as one pattern, for `scrub`
+_register_lock = threading.Lock()
 
 def register_secret(value:str|None): # A secret value (e.g. an API key read from the environment)
-    "Make `redact` hide `value` from now on."
-    if value and len(value) >= 4: _registered.add(value)
+    "Make `redact` (and `scrub`) hide `value` from now on."
+    global _registered_re
+    if not value or len(value) < 4 or value in _registered: return
+    with _register_lock:
+        _registered.add(value)
+        _registered_re = re.compile("|".join(re.escape(s) for s in sorted(_registered, key=len, reverse=True)))
 
 def _secrets() -> frozenset:
     "The values to hide: secret-looking environment variables and registered values."
@@ -28,16 +34,35 @@ def _secrets() -> frozenset:
 # %% ../nbs/00_errors.ipynb #c010
 _pattern_cache: tuple[frozenset, re.Pattern|None] = (frozenset(), None)
 
-def redact(text:str) -> str:
-    "Replace every known secret in `text` with `***`."
+def redact(text:str, # The text to clean
+           limit:int|None=None # Cut the redacted text to this many characters
+          ) -> str:
+    "Replace every known secret in `text` with `***`, then cut it to `limit` characters."
     global _pattern_cache
     if not text: return text
     secrets = _secrets()
-    if not secrets: return text
-    if secrets != _pattern_cache[0]:
-        alternatives = "|".join(re.escape(s) for s in sorted(secrets, key=len, reverse=True))
-        _pattern_cache = (secrets, re.compile(alternatives))
-    return _pattern_cache[1].sub("***", text)
+    if secrets:
+        if secrets != _pattern_cache[0]:
+            alternatives = "|".join(re.escape(s) for s in sorted(secrets, key=len, reverse=True))
+            _pattern_cache = (secrets, re.compile(alternatives))
+        text = _pattern_cache[1].sub("***", text)
+    return text if limit is None else text[:limit]
+
+# %% ../nbs/00_errors.ipynb #c012_d
+def scrub(text:str) -> str:
+    "`text` with every registered secret (API keys sent, URL passwords) replaced by `***`; cheap, for answers."
+    pattern = _registered_re
+    return pattern.sub("***", text) if pattern is not None and text else text
+
+# %% ../nbs/00_errors.ipynb #c012_h
+def redact_url(url:str) -> str:
+    "`url` with its userinfo (`user:password@`) replaced by `***`; the password is registered as a secret."
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc: return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    password = userinfo.partition(":")[2]
+    for value in (userinfo, password, urllib.parse.unquote(password)): register_secret(value)
+    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + host))
 
 # %% ../nbs/00_errors.ipynb #c014
 class PromptsysError(Exception):

@@ -5,20 +5,21 @@
 # %% ../nbs/04_providers.ipynb #c003
 from __future__ import annotations
 # asyncio is imported inside the async code: a loop loads it anyway, and a sync service skips ~30 ms.
-import atexit, email.utils, hashlib, importlib, json, os, threading, time, weakref
-from dataclasses import dataclass, field, asdict
+import email.utils, hashlib, importlib, json, os, re, threading, time, urllib.parse
+from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 import httpx
 from fastcore.basics import patch
 from .errors import ProviderError, ProviderTimeout, RateLimited, CassetteMiss, ConfigError
-from .errors import register_secret, redact
+from .errors import register_secret, redact, redact_url, scrub
+from .config import SCHEMA
 from .prompts import OutputSchema
 from .validation import gbnf, json_schema
 
 # %% auto #0
-__all__ = ['PROVIDER_MODULES', 'Request', 'Completion', 'estimate_tokens', 'Provider', 'AiohttpTransport', 'HTTPProvider',
-           'OpenAIProvider', 'AnthropicProvider', 'ReplayProvider', 'register_provider', 'provider_factory',
-           'make_provider']
+__all__ = ['PROVIDER_MODULES', 'Request', 'Completion', 'estimate_tokens', 'Provider', 'ssl_context', 'async_client',
+           'HTTPProvider', 'OpenAIProvider', 'AnthropicProvider', 'ReplayProvider', 'register_provider',
+           'provider_factory', 'make_provider']
 
 # %% ../nbs/04_providers.ipynb #c006
 @dataclass(slots=True)
@@ -98,7 +99,7 @@ def _retry_after(value:str|None) -> float|None:
 # %% ../nbs/04_providers.ipynb #c022
 def _http_error(resp:httpx.Response, endpoint:str) -> ProviderError:
     "The typed error for a non-200 answer: `RateLimited` for 429, retryable for 5xx, 408 and 409."
-    body = redact(resp.text[:300]) if resp.content else ""
+    body = redact(resp.text, 300) if resp.content else ""
     msg = f"{endpoint} answered HTTP {resp.status_code}: {body}"
     if resp.status_code == 429:
         return RateLimited(msg, status=429, retryable=True, endpoint=endpoint,
@@ -112,70 +113,71 @@ def _http_error(resp:httpx.Response, endpoint:str) -> ProviderError:
 # %% ../nbs/04_providers.ipynb #c026
 def _transport_error(e:Exception, endpoint:str) -> ProviderError:
     "The typed error for an httpx transport failure: `ProviderTimeout`, or a failed connection."
-    if isinstance(e, httpx.TimeoutException):
+    cause = e.__cause__
+    refused = (cause is not None and not isinstance(cause, TimeoutError)         # an aiohttp error, not a timeout
+               and (isinstance(cause, OSError) or type(cause).__module__.startswith("aiohttp")))
+    if isinstance(e, httpx.TimeoutException) and not refused:
         return ProviderTimeout(f"{endpoint} timed out ({type(e).__name__})", retryable=True, endpoint=endpoint)
-    return ProviderError(f"{endpoint}: connection failed ({type(e).__name__}: {redact(str(e))[:200]})",
+    err = cause if refused else e
+    return ProviderError(f"{endpoint}: connection failed ({type(err).__name__}: {redact(str(err), 200)})",
                          "Check that the server is running and the base_url in settings.ini.",
                          retryable=True, endpoint=endpoint)
 
 # %% ../nbs/04_providers.ipynb #c030
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    "An httpx async transport that sends requests with aiohttp (cheaper per call at high concurrency)."
-    def __init__(self, limit:int=100):
-        self.limit, self._session = limit, None
-    async def handle_async_request(self, request:httpx.Request) -> httpx.Response:
-        import aiohttp
-        if self._session is None:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.limit),
-                                                  auto_decompress=False)
-        t = request.extensions.get("timeout", {})
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.get("connect"), sock_read=t.get("read"))
-        headers = {k: v for k, v in request.headers.items()
-                   if k.lower() not in ("host", "content-length", "transfer-encoding")}
-        try:
-            async with self._session.request(request.method, str(request.url), headers=headers,
-                                             data=request.content, timeout=timeout, allow_redirects=False) as r:
-                body = await r.read()
-                return httpx.Response(r.status, headers=list(r.raw_headers), content=body, request=request)
-        except TimeoutError as e: raise httpx.ReadTimeout(str(e) or "timed out", request=request) from None
-        except aiohttp.ClientConnectorError as e: raise httpx.ConnectError(str(e), request=request) from None
-        except aiohttp.ClientError as e: raise httpx.ReadError(str(e), request=request) from None
-    async def aclose(self):
-        if self._session is not None: await self._session.close()
-    def close_now(self):
-        "Close without awaiting — for a session whose event loop is already gone (a finished `asyncio.run`)."
-        s, self._session = self._session, None
-        if s is None or s.closed: return
-        try: s._connector._close()          # aiohttp's synchronous close of the pooled sockets
-        except Exception: pass
-        s._connector = None                 # marks the session closed: no "Unclosed client session" at exit
-    __del__ = close_now                     # a provider dropped without close() still releases its sockets quietly
+_ssl_contexts: dict = {}
 
-# %% ../nbs/04_providers.ipynb #c032
-_transports = weakref.WeakSet()
-atexit.register(lambda: [t.close_now() for t in list(_transports)])
+def ssl_context():
+    "The `ssl.SSLContext` both HTTP clients verify with: SSL_CERT_FILE / SSL_CERT_DIR when set, else certifi's."
+    key = (os.environ.get("SSL_CERT_FILE") or None, os.environ.get("SSL_CERT_DIR") or None)
+    if key not in _ssl_contexts:
+        import ssl
+        cafile, capath = key
+        if cafile is None and capath is None:
+            import certifi
+            cafile = certifi.where()
+        try: _ssl_contexts[key] = ssl.create_default_context(cafile=cafile, capath=capath)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"cannot load the CA certificates in SSL_CERT_FILE={key[0]} SSL_CERT_DIR={key[1]}: {e}",
+                              "Point SSL_CERT_FILE at a PEM bundle that exists (or unset it for certifi's).") from None
+    return _ssl_contexts[key]
 
-def _async_transport(limits:httpx.Limits):
-    "aiohttp under httpx when it is installed (much cheaper per call at high concurrency), else httpx's own."
-    try: import aiohttp  # noqa: F401
-    except ImportError: return None
-    t = AiohttpTransport(limits.max_connections or 100)
-    _transports.add(t)
-    return t
+# %% ../nbs/04_providers.ipynb #c033_a
+def async_client(**kw) -> httpx.AsyncClient:
+    "An `httpx.AsyncClient` on aiohttp (`httpx-aiohttp`) when installed, else httpx's own; `kw` as for httpx."
+    try: from httpx_aiohttp import HttpxAiohttpClient
+    except ImportError: return httpx.AsyncClient(**kw)
+    return HttpxAiohttpClient(**kw)
+
+# %% ../nbs/04_providers.ipynb #c033_e
+async def _close_with_loop(client:httpx.AsyncClient):
+    "Park until the running loop shuts its async generators down, then close `client` in that loop."
+    try: yield
+    finally: await client.aclose()
 
 # %% ../nbs/04_providers.ipynb #c035
+def _without_userinfo(url:str) -> tuple[str, httpx.BasicAuth|None]:
+    "(`url` without `user:password@`, basic auth with those credentials or None)."
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc: return url, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    auth = httpx.BasicAuth(urllib.parse.unquote(user), urllib.parse.unquote(password))
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), auth
+
 class HTTPProvider(Provider):
-    "Shared plumbing of the HTTP providers: pooled clients, timeouts, typed errors."
+    "Shared plumbing of the HTTP providers: pooled clients, timeouts, one trust store, typed errors."
     path = ""
     def __init__(self, base_url:str, model:str, api_key_env:str="", connect_timeout:float=5.0,
                  read_timeout:float=60.0, max_connections:int=100):
-        self.base_url, self.model = base_url.rstrip("/"), model
-        self.endpoint = self.base_url
-        self.url = self.base_url + self.path
+        base_url = base_url.rstrip("/")
+        self.base_url = self.endpoint = redact_url(base_url)   # what every record, breaker and log line sees
+        clean, self.auth = _without_userinfo(base_url)
+        self.url, self.model = clean + self.path, model
+        self._target = httpx.URL(self.url)   # parsed once: httpx would parse a str on every call (~40 µs)
         self.api_key_env = api_key_env
         self.timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self.limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self._client = self._aclient = self._aloop = None
+        self._client = self._aclient = self._aloop = self._acloser = None
         self._lock = threading.Lock()
     def api_key(self) -> str|None:
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
@@ -183,44 +185,47 @@ class HTTPProvider(Provider):
         return key
     def headers(self) -> dict: return {}
     def _headers(self) -> dict: return {"content-type": "application/json", **self.headers()}
+    def _client_kw(self) -> dict:
+        return dict(timeout=self.timeout, limits=self.limits, headers=self._headers(), verify=ssl_context(),
+                    auth=self.auth)
     @property
     def client(self) -> httpx.Client:
         if self._client is None:
             with self._lock:
-                if self._client is None:
-                    self._client = httpx.Client(timeout=self.timeout, limits=self.limits, headers=self._headers())
+                if self._client is None: self._client = httpx.Client(**self._client_kw())
         return self._client
-    @property
-    def aclient(self) -> httpx.AsyncClient:
-        "The async client of the running event loop (a client's connections belong to the loop that made them)."
-        import asyncio
-        loop = asyncio.get_running_loop()
-        if self._aclient is None or self._aloop is not loop:
-            old = getattr(self._aclient, "_transport", None)
-            if isinstance(old, AiohttpTransport): old.close_now()   # its loop has ended
-            self._aclient = httpx.AsyncClient(timeout=self.timeout, limits=self.limits, headers=self._headers(),
-                                              transport=_async_transport(self.limits))
-            self._aloop = loop
-        return self._aclient
     def body(self, req:Request) -> dict: raise NotImplementedError
     def parse(self, data:dict, latency:float) -> Completion: raise NotImplementedError
 
 # %% ../nbs/04_providers.ipynb #c037
 @patch
+async def aclient(self:HTTPProvider) -> httpx.AsyncClient:
+    "The async client of the running event loop (a client's connections belong to the loop that made them)."
+    import asyncio
+    loop = asyncio.get_running_loop()
+    if self._aloop is not loop:
+        self._aclient, self._aloop = async_client(**self._client_kw()), loop
+        self._acloser = _close_with_loop(self._aclient)
+        await self._acloser.__anext__()
+    return self._aclient
+
+@patch
 def _finish(self:HTTPProvider, resp:httpx.Response, t0:float) -> Completion:
     latency = time.perf_counter() - t0
     if resp.status_code != 200: raise _http_error(resp, self.endpoint)
-    try: return self.parse(json.loads(resp.content), latency)
+    try: c = self.parse(json.loads(resp.content), latency)
     except (ValueError, KeyError, IndexError, TypeError) as e:
-        raise ProviderError(f"{self.endpoint} sent a malformed response ({type(e).__name__}: {str(e)[:120]})",
+        raise ProviderError(f"{self.endpoint} sent a malformed response ({type(e).__name__}: {redact(str(e), 120)})",
                             "The server answered but not in the expected format; check base_url.",
                             retryable=True, endpoint=self.endpoint) from None
+    c.text = scrub(c.text)
+    return c
 
 @patch
 def complete(self:HTTPProvider, req:Request) -> Completion:
     content = json.dumps(self.body(req)).encode()
     t0 = time.perf_counter()
-    try: resp = self.client.post(self.url, content=content)
+    try: resp = self.client.post(self._target, content=content)
     except httpx.HTTPError as e: raise _transport_error(e, self.endpoint) from None
     return self._finish(resp, t0)
 
@@ -228,30 +233,50 @@ def complete(self:HTTPProvider, req:Request) -> Completion:
 async def acomplete(self:HTTPProvider, req:Request) -> Completion:
     content = json.dumps(self.body(req)).encode()
     t0 = time.perf_counter()
-    try: resp = await self.aclient.post(self.url, content=content)
+    client = await self.aclient()
+    try: resp = await client.post(self._target, content=content)
     except httpx.HTTPError as e: raise _transport_error(e, self.endpoint) from None
     return self._finish(resp, t0)
 
 @patch
 def close(self:HTTPProvider):
+    "Close the sync client (an async client closes with its event loop, or with `aclose`)."
     if self._client is not None: self._client.close()
     self._client = None
 
+@patch
+async def aclose(self:HTTPProvider):
+    "Close both clients now."
+    self.close()
+    if self._acloser is not None: await self._acloser.aclose()
+    self._aclient = self._aloop = self._acloser = None
+
 # %% ../nbs/04_providers.ipynb #c039
+_REASONING = re.compile(r"(o\d|gpt-5)")   # OpenAI's reasoning models: o1, o3-mini, o4-mini, gpt-5, gpt-5-mini...
+
+def _reasoning(model:str) -> bool:
+    "Is `model` one of OpenAI's reasoning models (a vendor prefix such as `openai/` ignored)?"
+    return bool(_REASONING.match(model.rsplit("/", 1)[-1].lower()))
+
 class OpenAIProvider(HTTPProvider):
     "Any OpenAI-compatible chat-completions endpoint."
     name, path = "openai", "/chat/completions"
     def __init__(self, base_url="https://api.openai.com/v1", model="gpt-4o-mini", api_key_env="OPENAI_API_KEY",
-                 constrain="none", **kw):
+                 constrain="none", max_tokens_param="auto", **kw):
         super().__init__(base_url, model, api_key_env, **kw)
-        self.constrain = constrain
+        self.constrain, self.max_tokens_param = constrain, max_tokens_param
     def headers(self):
         key = self.api_key()
         return {"authorization": f"Bearer {key}"} if key else {}
     def body(self, req:Request) -> dict:
-        b = {"model": req.model or self.model, "messages": req.messages, "max_tokens": req.max_tokens,
-             "temperature": req.temperature, "seed": req.seed}
-        if req.temperature == 0: b["top_p"] = 1
+        model = req.model or self.model
+        reasoning = self.max_tokens_param == "auto" and _reasoning(model)
+        tokens_field = (self.max_tokens_param if self.max_tokens_param != "auto"
+                 else "max_completion_tokens" if reasoning else "max_tokens")
+        b = {"model": model, "messages": req.messages, tokens_field: req.max_tokens}
+        if not reasoning: b["temperature"] = req.temperature   # reasoning models take only the default
+        b["seed"] = req.seed
+        if not reasoning and req.temperature == 0: b["top_p"] = 1
         if req.schema is not None and self.constrain != "none":
             if self.constrain == "grammar" and (g := gbnf(req.schema)): b["grammar"] = g
             elif self.constrain == "grammar" and req.schema.schema:    # llama.cpp server: a JSON Schema it compiles
@@ -300,6 +325,13 @@ class AnthropicProvider(HTTPProvider):
                           data.get("model", self.model), self.name, self.endpoint, data.get("stop_reason") or "")
 
 # %% ../nbs/04_providers.ipynb #c057
+_COMPLETION_FIELDS = frozenset(f.name for f in fields(Completion))
+
+def _cassette_entry_ok(e) -> bool:
+    "Is `e` a cassette entry: a request and a response with a text and only `Completion`'s fields?"
+    r = e.get("response") if isinstance(e, dict) else None
+    return isinstance(r, dict) and isinstance(r.get("text"), str) and r.keys() <= _COMPLETION_FIELDS
+
 class ReplayProvider(Provider):
     "Replays recorded responses from a cassette; records new ones from `inner` in record/auto mode."
     name = "replay"
@@ -311,9 +343,16 @@ class ReplayProvider(Provider):
         self.endpoint = f"cassette:{self.path.name}"
     def _read(self) -> dict:
         if not self.path.is_file(): return {}
-        try: return json.loads(self.path.read_text(encoding="utf-8")).get("entries", {})
+        hint = "Delete it and record again ([replay] mode = record), or point [replay] cassette at a cassette."
+        try: data = json.loads(self.path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError: raise ConfigError(f"cassette {self.path} is not UTF-8 text", hint) from None
         except json.JSONDecodeError as e:
-            raise ConfigError(f"cassette {self.path} is not valid JSON: {e}", "Delete it and record again.") from None
+            raise ConfigError(f"cassette {self.path} is not valid JSON: {e}", hint) from None
+        entries = data.get("entries") if isinstance(data, dict) else None
+        if not isinstance(entries, dict) or not all(map(_cassette_entry_ok, entries.values())):
+            raise ConfigError(f"cassette {self.path} is JSON but not a cassette: expected "
+                              '{"version": 1, "entries": {key: {"request": ..., "response": {"text": ...}}}}', hint)
+        return entries
     @property
     def inner(self) -> Provider:
         if self._inner is None and self._inner_factory: self._inner = self._inner_factory()
@@ -341,7 +380,7 @@ def _store(self:ReplayProvider, req:Request, c:Completion):
             self.entries = {**self._read(), **self.entries}
             self.entries[req.key()] = {"request": {"model": req.model, "messages": req.messages,
                                                    "max_tokens": req.max_tokens, "temperature": req.temperature},
-                                       "response": c.to_dict()}
+                                       "response": {**c.to_dict(), "text": scrub(c.text)}}
             tmp = self.path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps({"version": 1, "entries": self.entries}, indent=1, ensure_ascii=False,
                                       sort_keys=True), encoding="utf-8")
@@ -366,19 +405,26 @@ async def acomplete(self:ReplayProvider, req:Request) -> Completion:
     c = await self.inner.acomplete(req); self._store(req, c); return c
 
 # %% ../nbs/04_providers.ipynb #c066
+def _base_url(section:str, configured:str, env_name:str) -> str:
+    "`configured`, or the environment's `env_name` when `configured` is the schema's default."
+    default = SCHEMA[section]["base_url"][1]
+    return (os.environ.get(env_name) or configured) if configured == default else configured
+
 @patch(cls_method=True)
 def from_settings(cls:OpenAIProvider, settings, model:str|None=None, base_url:str|None=None) -> OpenAIProvider:
     "The provider `[openai]` describes."
     s = settings.openai
-    return cls(base_url or s.base_url, model or s.model, s.api_key_env, s.constrain,
-               connect_timeout=s.connect_timeout, read_timeout=s.read_timeout, max_connections=s.max_connections)
+    return cls(base_url or _base_url("openai", s.base_url, "OPENAI_BASE_URL"), model or s.model, s.api_key_env,
+               s.constrain, s.max_tokens_param, connect_timeout=s.connect_timeout, read_timeout=s.read_timeout,
+               max_connections=s.max_connections)
 
 @patch(cls_method=True)
 def from_settings(cls:AnthropicProvider, settings, model:str|None=None, base_url:str|None=None) -> AnthropicProvider:
     "The provider `[anthropic]` describes."
     s = settings.anthropic
-    return cls(base_url or s.base_url, model or s.model, s.api_key_env, s.api_version, s.constrain,
-               connect_timeout=s.connect_timeout, read_timeout=s.read_timeout)
+    return cls(base_url or _base_url("anthropic", s.base_url, "ANTHROPIC_BASE_URL"), model or s.model,
+               s.api_key_env, s.api_version, s.constrain, connect_timeout=s.connect_timeout,
+               read_timeout=s.read_timeout)
 
 # %% ../nbs/04_providers.ipynb #c070
 @patch(cls_method=True)

@@ -7,9 +7,12 @@ Run as a separate process::
         [--require-key KEY] [--delay-ms N]
         [--p500 P] [--p503 P] [--p429 P] [--phang P] [--pmalformed P] [--preset P]
         [--retry-after SECONDS] [--hang-seconds SECONDS]
+        [--require-basic USER:PASSWORD] [--certfile PEM --keyfile PEM]
 
 On startup it prints exactly one line ``READY <port>`` to stdout and stops
-cleanly on SIGTERM / SIGINT.
+cleanly on SIGTERM / SIGINT. With ``--certfile``/``--keyfile`` it speaks HTTPS (the returned base URL
+still says ``http://``: swap the scheme). ``--require-basic`` refuses model requests (401) whose
+``Authorization`` is not HTTP basic auth with those credentials.
 
 Endpoints
 ---------
@@ -337,6 +340,9 @@ def _err_anthropic(message: str, typ: str) -> bytes:
     return json.dumps({"type": "error", "error": {"type": typ, "message": message}}).encode()
 
 
+BASIC = None  # the expected Authorization header when --require-basic is given
+
+
 class _BadRequest(Exception):
     pass
 
@@ -348,6 +354,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # noqa: A002
         pass
+
+    def setup(self):
+        if hasattr(self.request, "do_handshake"):
+            self.request.do_handshake()
+        super().setup()
 
     # -- low level -------------------------------------------------------
     def _send(self, status: int, body: bytes, extra: str = "") -> None:
@@ -448,6 +459,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         err = _err_anthropic if anthropic else None
 
         # auth
+        if BASIC is not None and self.headers.get("Authorization") != BASIC:
+            st.count("401")
+            self._send(401, _err_openai("basic auth required", "invalid_request_error"))
+            return
         key = st.require_key
         if anthropic:
             sent = self.headers.get("x-api-key")
@@ -567,6 +582,13 @@ class FakeServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 512
     allow_reuse_address = True
+    tls = None  # an ssl.SSLContext when serving HTTPS
+
+    def get_request(self):
+        sock, addr = self.socket.accept()
+        if self.tls is not None:  # the handshake happens in the handler's thread (Handler.setup)
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
@@ -603,14 +625,24 @@ def parse_args(argv=None):
         ap.add_argument(f"--{k}", type=_prob, default=0.0)
     ap.add_argument("--retry-after", type=_nonneg, default=0.05)
     ap.add_argument("--hang-seconds", type=_nonneg, default=30.0)
+    ap.add_argument("--require-basic", default=None, metavar="USER:PASSWORD")
+    ap.add_argument("--certfile", default=None, help="serve HTTPS with this certificate (PEM)")
+    ap.add_argument("--keyfile", default=None, help="the certificate's private key (PEM)")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    global STATE
+    global STATE, BASIC
     args = parse_args(argv)
     STATE = State(args)
+    if args.require_basic is not None:
+        import base64
+        BASIC = "Basic " + base64.b64encode(args.require_basic.encode()).decode()
     server = FakeServer((args.host, args.port), Handler)
+    if args.certfile:
+        import ssl
+        server.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.tls.load_cert_chain(args.certfile, args.keyfile)
 
     def _stop(signum, frame):
         raise KeyboardInterrupt

@@ -99,6 +99,63 @@ def test_anthropic_gets_system_apart_from_the_messages(env):
     assert "sk-ant" not in json.dumps(sent)          # the key travels in a header, and headers are never kept
 
 
+def test_openai_token_limit_field_per_model(env):
+    "Reasoning models (o-series, gpt-5) get `max_completion_tokens` and no sampling settings; others `max_tokens`."
+    def sent_for(model, **ov):
+        s = load_settings(ROOT / "settings.ini", overrides={**env["ov"], "openai.model": model, **ov}, env={})
+        pipe = Pipeline("route", 1, settings=s)
+        assert pipe.run(subject="Mug", body="Terrible smell").ok
+        body = requests(env["url"])[-1]["body"]
+        return {k: v for k, v in body.items() if k != "messages"}, pipe.max_tokens
+    got, n = sent_for("gpt-4o-mini")
+    assert got == {"model": "gpt-4o-mini", "max_tokens": n, "temperature": 0.0, "seed": 0, "top_p": 1}
+    for model in ("o3-mini", "o1", "o4-mini", "gpt-5", "gpt-5-mini"):
+        got, n = sent_for(model)
+        assert got == {"model": model, "max_completion_tokens": n, "seed": 0}, model
+    got, n = sent_for("o3-mini", **{"openai.max_tokens_param": "max_tokens"})      # a server that wants max_tokens
+    assert got == {"model": "o3-mini", "max_tokens": n, "temperature": 0.0, "seed": 0, "top_p": 1}
+    got, n = sent_for("gpt-4o-mini", **{"openai.max_tokens_param": "max_completion_tokens"})
+    assert got == {"model": "gpt-4o-mini", "max_completion_tokens": n, "temperature": 0.0, "seed": 0, "top_p": 1}
+
+
+def test_base_urls_from_the_environment_when_settings_keep_the_default(env, monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", env["url"] + "/v1")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", env["url"])
+    monkeypatch.setenv("PROMPTSYS_TEST_ANTHROPIC_KEY", "sk-ant-test-not-real")
+    default = {**env["ov"], "openai.base_url": "https://api.openai.com/v1",
+               "anthropic.base_url": "https://api.anthropic.com",
+               "anthropic.api_key_env": "PROMPTSYS_TEST_ANTHROPIC_KEY"}
+    for provider, path in (("openai", "/v1/chat/completions"), ("anthropic", "/v1/messages")):
+        s = load_settings(ROOT / "settings.ini", overrides={**default, "model.provider": provider}, env={})
+        before = len(requests(env["url"]))
+        r = Pipeline("route", 1, settings=s).run(subject="Mug", body="Terrible smell")
+        assert r.ok and r.provider == provider, r.error
+        assert r.endpoint == (env["url"] + "/v1" if provider == "openai" else env["url"])
+        assert requests(env["url"])[-1]["path"] == path and len(requests(env["url"])) >= min(before + 1, 100)
+    # a base_url written in the settings wins over the environment
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    s = load_settings(ROOT / "settings.ini", overrides={**env["ov"]}, env={})
+    assert Pipeline("route", 1, settings=s).run(subject="Mug", body="Terrible smell").endpoint == env["url"] + "/v1"
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b'{"version": 1, "entries": []}', b'{"entries": {"k": "v"}}',
+                                     b'{"entries": {"k": {"response": {"words": "positive"}}}}',
+                                     b"\x89PNG\r\n\x1a\n\x00\xff\xfe", b"\xff\xfe{}"])
+def test_a_cassette_of_the_wrong_shape_is_a_config_error_not_a_traceback(env, tmp_path, content):
+    cassette = tmp_path / "bad.json"
+    cassette.write_bytes(content)
+    sets = [f"{k}={v}" for k, v in {**env["ov"], "model.provider": "replay", "replay.cassette": str(cassette)}.items()]
+    out = subprocess.run([sys.executable, "-m", "promptsys.cli", *[a for kv in sets for a in ("--set", kv)],
+                          "run", "route", "--var", "subject=Mug", "--var", "body=Terrible smell"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert f"cassette {cassette}" in out.stderr and "record again" in out.stderr, out.stderr
+    with pytest.raises(ConfigError):
+        Pipeline("route", 1, settings=load_settings(ROOT / "settings.ini", env={}, overrides={
+            **env["ov"], "model.provider": "replay", "replay.cassette": str(cassette)})).run(subject="a", body="b")
+
+
 def test_bad_inputs_name_the_variable(env):
     pipe = Pipeline("route", 2, settings=env["s"])
     for kw, msg in [(dict(subject="a"), "missing input 'body'"),
