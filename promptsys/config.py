@@ -5,6 +5,7 @@
 # %% ../nbs/01_config.ipynb #c003
 from __future__ import annotations
 import configparser, os, re
+from functools import lru_cache
 from pathlib import Path
 from .errors import ConfigError
 
@@ -83,6 +84,7 @@ ENV_PREFIX = "PROMPTSYS_"
 # %% ../nbs/01_config.ipynb #c009_r2
 _RANGE = re.compile(r"^\s*([\[(])\s*([-+0-9.eE]+|-inf)\s*,\s*([-+0-9.eE]+|inf)\s*([\])])\s*$")
 
+@lru_cache(maxsize=None)
 def parse_range(text:str) -> tuple[float, float, bool, bool]:
     "`'[0, 1)'` → `(0.0, 1.0, True, False)`: low, high, and whether each end is included."
     m = _RANGE.match(text)
