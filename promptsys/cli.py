@@ -4,22 +4,77 @@
 
 # %% ../nbs/21_cli.ipynb #c003
 from __future__ import annotations
-import argparse, json, logging, sys, time
+import argparse, json, logging, os, sys, time
 from pathlib import Path
-from .errors import PromptsysError, InputValidationError, ConfigError, TemplateError, PromptNotFound
-from .config import Settings, load_settings
+from .errors import (PromptsysError, InputValidationError, ConfigError, TemplateError, PromptNotFound,
+                              DatasetError, TrackingError, redact)
+from .config import Settings, load_settings, in_range
 
 # %% auto #0
-__all__ = ['COMMANDS', 'GROUPS', 'set_overrides', 'settings_from_args', 'commands_text', 'parser', 'main',
+__all__ = ['COMMANDS', 'GROUPS', 'USER_ERRORS', 'whole', 'number', 'versions_list', 'dir_problem', 'output_path', 'task_versions',
+           'set_overrides', 'settings_from_args', 'commands_text', 'parser', 'typed_error', 'crash_log', 'main',
            'configure_install_local', 'cmd_install_local', 'configure_doctor', 'cmd_doctor', 'accuracy_table',
            'table_text', 'configure_demo', 'cmd_demo', 'cmd_prompts_list', 'cmd_prompts_show', 'configure_prompts',
-           'configure_new', 'cmd_new', 'configure_check', 'cmd_check', 'configure_run', 'run_inputs', 'cmd_run',
-           'configure_eval', 'cmd_eval', 'configure_promote', 'cmd_promote', 'configure_rollback', 'cmd_rollback',
-           'configure_stage', 'cmd_stage', 'configure_history', 'cmd_history', 'configure_diff', 'cmd_diff',
-           'configure_ui', 'cmd_ui', 'configure_rollout', 'configure_schedule', 'schedule_text', 'cmd_schedule',
-           'configure_ci', 'cmd_ci', 'configure_dashboard', 'cmd_dashboard', 'configure_feedback', 'cmd_feedback',
-           'configure_alerts', 'cmd_alerts', 'configure_metrics', 'cmd_metrics', 'configure_logs', 'cmd_logs',
-           'configure_prune', 'cmd_prune', 'configure_shared', 'cmd_shared']
+           'configure_new', 'cmd_new', 'configure_check', 'cmd_check', 'configure_run', 'read_stdin', 'run_inputs',
+           'cmd_run', 'configure_eval', 'cmd_eval', 'configure_promote', 'cmd_promote', 'configure_rollback',
+           'cmd_rollback', 'configure_stage', 'cmd_stage', 'configure_history', 'cmd_history', 'configure_diff',
+           'cmd_diff', 'configure_ui', 'cmd_ui', 'configure_rollout', 'configure_schedule', 'schedule_text',
+           'cmd_schedule', 'configure_ci', 'cmd_ci', 'configure_dashboard', 'cmd_dashboard', 'configure_feedback',
+           'cmd_feedback', 'configure_alerts', 'cmd_alerts', 'configure_metrics', 'cmd_metrics', 'configure_logs',
+           'cmd_logs', 'configure_prune', 'cmd_prune', 'configure_shared', 'cmd_shared', 'source_label', 'config_rows',
+           'configure_config', 'cmd_config_check']
+
+# %% ../nbs/21_cli.ipynb #c007_h2
+_state_dir: Path|None = None     # the last command's state folder: where an internal error's log goes
+
+def whole(rng:str="[1, inf)"):
+    "An argparse `type` for a whole number in the interval `rng`."
+    def parse(text:str) -> int:
+        try: n = int(text)
+        except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+        if not in_range(n, rng): raise argparse.ArgumentTypeError(f"{n} is out of range, allowed {rng}")
+        return n
+    parse.__name__ = "whole number"
+    return parse
+
+def number(rng:str="(0, inf)"):
+    "An argparse `type` for a number in the interval `rng` (never NaN or infinite unless `rng` says so)."
+    def parse(text:str) -> float:
+        try: x = float(text)
+        except ValueError: raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+        if not in_range(x, rng): raise argparse.ArgumentTypeError(f"{text} is out of range, allowed {rng}")
+        return x
+    parse.__name__ = "number"
+    return parse
+
+def versions_list(text:str) -> str:
+    "An argparse `type` for `--versions`: '1,3', 'v1, v3' or 'all' (kept as text; the command parses it)."
+    parts = [x.strip().lower().removeprefix("v") for x in text.split(",") if x.strip()]
+    if text.strip().lower() != "all" and (not parts or not all(x.isdigit() and int(x) > 0 for x in parts)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of version numbers such as 1,3 or v2,v4")
+    return text
+
+def dir_problem(d:str|Path) -> str|None:
+    "Why files cannot be kept in folder `d` (a part of it is a file), or None."
+    d = Path(d)
+    for q in [d, *d.parents]:
+        if q.exists(): return None if q.is_dir() else f"{q} is a file, not a folder"
+    return None
+
+def output_path(path:str, what:str, suffixes:tuple=()) -> str:
+    "A file a command will write: its folder must be usable and its suffix one of `suffixes`."
+    if suffixes and Path(path).suffix.lower() not in suffixes:
+        raise InputValidationError(f"{what} {path}: unknown file type {Path(path).suffix or '(none)'!r}",
+                                   f"Use one of {', '.join(suffixes)}.")
+    if problem := dir_problem(Path(path).parent):
+        raise InputValidationError(f"{what} {path}: {problem}", "Write it into a folder.")
+    return path
+
+def task_versions(task:str, settings:Settings, numbers) -> None:
+    "Check that the task exists and has each version in `numbers` (`PromptNotFound` otherwise)."
+    from promptsys.prompts import load_task
+    t = load_task(task, settings.promptsys.prompts_dir)
+    for n in numbers or []: t.version(n)
 
 # %% ../nbs/21_cli.ipynb #c006
 def set_overrides(a:argparse.Namespace) -> dict:
@@ -37,6 +92,11 @@ def settings_from_args(a:argparse.Namespace) -> Settings:
     if getattr(a, "provider", None): overrides["model.provider"] = a.provider
     if getattr(a, "model", None): overrides["model.name"] = a.model
     s = load_settings(getattr(a, "settings", None), overrides=overrides)
+    if problem := dir_problem(s.promptsys.state_dir):
+        raise ConfigError(f"promptsys.state_dir = {s.promptsys.state_dir}: {problem}",
+                          "Point [promptsys] state_dir at a folder (it is created when missing).")
+    global _state_dir
+    _state_dir = Path(s.promptsys.state_dir)
     logging.basicConfig(level=s.promptsys.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     return s
 
@@ -44,7 +104,7 @@ def settings_from_args(a:argparse.Namespace) -> Settings:
 COMMANDS: dict = {}
 
 GROUPS = {
-    "getting started": ["install-local", "doctor", "demo"],
+    "getting started": ["install-local", "doctor", "demo", "config"],
     "prompts": ["prompts", "new", "check", "run"],
     "evaluate": ["eval", "diff"],
     "promote": ["promote", "rollback", "stage", "history", "rollout"],
@@ -63,9 +123,16 @@ def commands_text() -> str:
     return "\n".join(out)
 
 # %% ../nbs/21_cli.ipynb #c011
+class _Parser(argparse.ArgumentParser):
+    "argparse with promptsys's two-line error: what is wrong, and where the options are explained."
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        print(f"error: {message}\nhint: `{self.prog} --help` explains the options.", file=sys.stderr)
+        sys.exit(2)
+
 def parser() -> argparse.ArgumentParser:
     "The `promptsys` argument parser: global options, then one subcommand."
-    p = argparse.ArgumentParser("promptsys", description="Versioned, evaluated, monitored LLM prompts.",
+    p = _Parser("promptsys", description="Versioned, evaluated, monitored LLM prompts.",
                                 epilog=commands_text() + "\n\n`promptsys COMMAND --help` explains one command.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", help="settings file (default: $PROMPTSYS_SETTINGS or ./settings.ini)")
@@ -78,18 +145,55 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../nbs/21_cli.ipynb #c013
+USER_ERRORS = (InputValidationError, ConfigError, TemplateError, PromptNotFound, DatasetError)
+
+def typed_error(e:BaseException) -> PromptsysError|None:
+    "`e` as a typed promptsys error when its meaning is known, else None (an internal error)."
+    if isinstance(e, PromptsysError): return e
+    if isinstance(e, UnicodeDecodeError):
+        return InputValidationError(f"input is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})",
+                                    "Convert it to UTF-8, e.g. `iconv -f latin1 -t utf-8`.")
+    if isinstance(e, OSError) and e.filename:
+        return ConfigError(f"cannot use {e.filename}: {e.strerror or e}",
+                           "Check the path: its folders must exist, be folders, and be writable by you.")
+    if type(e).__module__.split(".")[0] == "mlflow":
+        return TrackingError(f"MLflow failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return None
+
+def crash_log(e:BaseException, argv) -> Path:
+    "Write the traceback of an internal error to a log file; its path."
+    import tempfile, traceback
+    from datetime import datetime, timezone
+    name = f"crash-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{os.getpid()}.log"
+    text = redact(f"promptsys {' '.join(map(str, argv))}\n" + "".join(traceback.format_exception(e)))
+    dirs = [os.environ.get("PROMPTSYS_LOG_DIR"), _state_dir and _state_dir / "logs", Path(tempfile.gettempdir())]
+    for d in [Path(d) for d in dirs if d]:
+        try:
+            d.mkdir(parents=True, exist_ok=True); (d / name).write_text(text, encoding="utf-8")
+            return d / name
+        except OSError: continue
+    return Path(tempfile.gettempdir()) / name
+
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `promptsys` command."
+    argv = sys.argv[1:] if argv is None else argv
     a = parser().parse_args(argv)
     try: return a.fn(a) or 0
-    except PromptsysError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        if e.hint: print(f"hint: {e.hint}", file=sys.stderr)
-        return 2 if isinstance(e, (InputValidationError, ConfigError, TemplateError, PromptNotFound)) else 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr); return 130
     except BrokenPipeError:                      # `promptsys ... | head`: the reader left; not an error
         sys.stderr.close(); return 0
+    except Exception as e:
+        te = typed_error(e)
+        if te is None:
+            log = crash_log(e, argv)
+            print(f"error: internal error: {type(e).__name__}: {redact(str(e))[:300]}", file=sys.stderr)
+            print(f"hint: this is a bug in promptsys; the full traceback in {log} — please report it with that file",
+                  file=sys.stderr)
+            return 3
+        print(f"error: {te.message}", file=sys.stderr)
+        if te.hint: print(f"hint: {te.hint}", file=sys.stderr)
+        return 2 if isinstance(te, USER_ERRORS) else 1
 
 # %% ../nbs/21_cli.ipynb #c017
 def configure_install_local(p):
@@ -162,7 +266,7 @@ def table_text(rows:list[dict]) -> str:
 # %% ../nbs/21_cli.ipynb #c026
 def configure_demo(p):
     p.add_argument("--task", help="one task (default: every task, each with its task.toml [demo] limit)")
-    p.add_argument("--limit", type=int, help="first N dataset rows only")
+    p.add_argument("--limit", type=whole(), help="first N dataset rows only")
     p.add_argument("--provider"); p.add_argument("--model")
     p.add_argument("--no-mlflow", action="store_true", help="only print the accuracy table")
 
@@ -171,6 +275,7 @@ def cmd_demo(a) -> int:
     import importlib.util
     from promptsys.prompts import list_tasks, load_task
     s = settings_from_args(a)
+    if a.task: task_versions(a.task, s, [])
     rc = 0
     for name in [a.task] if a.task else list_tasks(s.promptsys.prompts_dir):
         limit = a.limit or load_task(name, s.promptsys.prompts_dir).config.get("demo", {}).get("limit")
@@ -195,7 +300,9 @@ def cmd_prompts_list(a) -> int:
     if not tasks: print(f"no tasks in {s.promptsys.prompts_dir}"); return 0
     for name in tasks:
         try: t = load_task(name, s.promptsys.prompts_dir)
-        except PromptsysError as e: print(f"{name}: BROKEN — {e.message} (`promptsys check {name}`)"); continue
+        except PromptsysError as e:
+            if a.task and isinstance(e, PromptNotFound): raise    # the one task asked for does not exist
+            print(f"{name}: BROKEN — {e.message} (`promptsys check {name}`)"); continue
         print(f"{t.name}: {t.description}")
         for v in t.versions.values(): print(f"  v{v.number:<3} {v.name:24} {v.hash}  {v.note}")
     return 0
@@ -238,7 +345,10 @@ def configure_check(p): p.add_argument("task")
 def cmd_check(a) -> int:
     "Check a task folder; 0 when it is fine, 1 with every problem printed."
     from promptsys.evaluation import check_task
+    from promptsys.prompts import TASK_NAME, load_task
     s = settings_from_args(a)
+    if not TASK_NAME.fullmatch(a.task) or ".." in a.task or not (Path(s.promptsys.prompts_dir) / a.task).is_dir():
+        load_task(a.task, s.promptsys.prompts_dir)      # PromptNotFound: no such task (exit 2), not a problem list
     problems = check_task(a.task, s.promptsys.prompts_dir)
     for pr in problems: print(pr)
     print(f"{a.task}: {'ok' if not problems else f'{len(problems)} problem(s)'}")
@@ -257,18 +367,27 @@ def configure_run(p):
     p.add_argument("--no-cache", action="store_true", help="bypass the response cache")
     p.add_argument("--json", action="store_true", help="print the whole result record as JSON")
 
+def read_stdin() -> str:
+    "Standard input as text; bytes that are not UTF-8 are an `InputValidationError`."
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    if isinstance(data, str): return data
+    try: return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputValidationError(f"standard input is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})",
+                                   "Convert it to UTF-8, e.g. `iconv -f latin1 -t utf-8`.") from None
+
 def run_inputs(a) -> dict:
     "The inputs of `promptsys run`: the text argument, `--var name=value` options and an `--input` JSON object."
     out = {}
     if a.input is not None:
-        raw = sys.stdin.read() if a.input == "-" else a.input
+        raw = read_stdin() if a.input == "-" else a.input
         try: out = json.loads(raw)
         except ValueError as e: raise InputValidationError(f"--input is not JSON: {e}", "Pass a JSON object.") from None
         if not isinstance(out, dict): raise InputValidationError("--input must be a JSON object of inputs")
     for kv in a.var or []:
         if "=" not in kv: raise InputValidationError(f"--var {kv!r} is not NAME=VALUE", "e.g. --var subject='Refund'")
         k, v = kv.split("=", 1); out[k.strip()] = v
-    if a.text is not None: out = {"value": sys.stdin.read() if a.text == "-" else a.text, **out}
+    if a.text is not None: out = {"value": read_stdin() if a.text == "-" else a.text, **out}
     if not out: raise InputValidationError("no input given", "Pass the text, --var NAME=VALUE or --input JSON.")
     return out
 
@@ -276,7 +395,12 @@ def cmd_run(a) -> int:
     "Run one input through the pipeline and print the result."
     from promptsys.pipeline import Pipeline
     s = settings_from_args(a)
-    r = Pipeline(a.task, a.version, settings=s, cache=not a.no_cache).run(**run_inputs(a))
+    p = Pipeline(a.task, a.version, settings=s, cache=not a.no_cache)
+    inputs = run_inputs(a)
+    if unknown := [k for k in inputs if k != "value" and k not in p.task.inputs]:
+        raise InputValidationError(f"unknown input(s) {', '.join(map(repr, unknown))}",
+                                   f"The task takes {', '.join(p.task.inputs)}.")
+    r = p.run(**inputs)
     if a.json: print(json.dumps({**r.to_record(), "output": r.output, "raw": r.raw}, indent=1))
     else:
         print(json.dumps(r.output))
@@ -289,11 +413,12 @@ COMMANDS["run"] = ("run one input through a task's pipeline", configure_run, cmd
 
 # %% ../nbs/21_cli.ipynb #c037
 def configure_eval(p):
-    p.add_argument("task"); p.add_argument("--versions", help="comma-separated version numbers (default: all)")
+    p.add_argument("task"); p.add_argument("--versions", type=versions_list,
+                                          help="comma-separated version numbers (default: all)")
     p.add_argument("--dataset", help="dataset file (default: the task's)")
-    p.add_argument("--limit", type=int, help="first N examples only")
-    p.add_argument("--sample", type=int, help="random sample of N examples")
-    p.add_argument("--repeats", type=int, help="answers per example (consistency)")
+    p.add_argument("--limit", type=whole(), help="first N examples only")
+    p.add_argument("--sample", type=whole(), help="random sample of N examples")
+    p.add_argument("--repeats", type=whole("[1, 100]"), help="answers per example (consistency)")
     p.add_argument("--provider"); p.add_argument("--model")
     p.add_argument("--no-cache", action="store_true", help="bypass the response cache")
     p.add_argument("--no-judge", action="store_true", help="skip the task's [scoring.judge] (an LLM judge)")
@@ -304,6 +429,10 @@ def cmd_eval(a) -> int:
     from promptsys.evaluation import evaluate, summary_text
     from promptsys.registry import parse_versions, tracking_uri, experiment_name
     s = settings_from_args(a)
+    task_versions(a.task, s, parse_versions(a.versions))
+    if a.output: output_path(a.output, "--output", (".csv", ".jsonl", ".parquet"))
+    if a.dataset and not Path(a.dataset).is_file():
+        raise DatasetError(f"dataset {a.dataset} is not a file", "Pass an existing .jsonl or .csv file.")
     df, evals = evaluate(a.task, parse_versions(a.versions), a.dataset, settings=s, limit=a.limit, sample=a.sample,
                          repeats=a.repeats, cache=not a.no_cache, judge=False if a.no_judge else None, details=True)
     print(summary_text(df))
@@ -318,16 +447,19 @@ COMMANDS["eval"] = ("evaluate prompt versions on the task's dataset and log them
 # %% ../nbs/21_cli.ipynb #c039
 def configure_promote(p):
     p.add_argument("task")
-    p.add_argument("--version", type=int, help="candidate (default: the best version by the gate)")
+    p.add_argument("--version", type=whole(), help="candidate (default: the best version by the gate)")
     p.add_argument("--dry-run", action="store_true", help="decide and report, move nothing")
     p.add_argument("--reason", help="why (recorded in the audit trail)")
     p.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded)")
-    p.add_argument("--metric", help="default: the task's [scoring] primary"); p.add_argument("--min-gain", type=float)
+    p.add_argument("--metric", help="default: the task's [scoring] primary")
+    p.add_argument("--min-gain", type=number("[-1, 1]"))
 
 def cmd_promote(a) -> int:
     "Promote through the gate; 0 when it moved (or would, in a dry run) or nothing was to do, else 1."
     from promptsys.promotion import promote
-    pr = promote(a.task, a.version, settings=settings_from_args(a), reason=a.reason or "", dry_run=a.dry_run,
+    s = settings_from_args(a)
+    task_versions(a.task, s, [a.version] if a.version else [])
+    pr = promote(a.task, a.version, settings=s, reason=a.reason or "", dry_run=a.dry_run,
                  force=a.force, metric=a.metric, min_gain=a.min_gain)
     print(pr)
     if pr.moved: print(f"running services follow within {pr.entry['services_follow_within_s']:g} s")
@@ -343,7 +475,9 @@ def configure_rollback(p): p.add_argument("task"); p.add_argument("--reason")
 def cmd_rollback(a) -> int:
     "Point production back at the previous version."
     from promptsys.promotion import rollback
-    e = rollback(a.task, settings=settings_from_args(a), reason=a.reason or "")
+    s = settings_from_args(a)
+    task_versions(a.task, s, [])
+    e = rollback(a.task, settings=s, reason=a.reason or "")
     print(f"rolled back {a.task}: production v{e['from']} → v{e['to']} (running services follow within "
           f"{e['services_follow_within_s']:g} s)")
     return 0
@@ -352,12 +486,14 @@ COMMANDS["rollback"] = ("restore the previous production version",
     configure_rollback, cmd_rollback)
 
 # %% ../nbs/21_cli.ipynb #c041
-def configure_stage(p): p.add_argument("task"); p.add_argument("version", type=int); p.add_argument("--reason")
+def configure_stage(p): p.add_argument("task"); p.add_argument("version", type=whole()); p.add_argument("--reason")
 
 def cmd_stage(a) -> int:
     "Point the staging alias at a version."
     from promptsys.promotion import stage
-    e = stage(a.task, a.version, settings=settings_from_args(a), reason=a.reason or "")
+    s = settings_from_args(a)
+    task_versions(a.task, s, [a.version])
+    e = stage(a.task, a.version, settings=s, reason=a.reason or "")
     print(f"staged {a.task} v{e['to']} (was v{e['from']})")
     return 0
 
@@ -371,7 +507,9 @@ def configure_history(p):
 def cmd_history(a) -> int:
     "Print the task's audit trail."
     from promptsys.promotion import history, format_history
-    h = history(a.task, settings_from_args(a))
+    s = settings_from_args(a)
+    task_versions(a.task, s, [])
+    h = history(a.task, s)
     if a.json: print("\n".join(json.dumps(e, ensure_ascii=False) for e in h))
     else: print(format_history(h) or f"no audit entries for {a.task}")
     return 0
@@ -381,14 +519,18 @@ COMMANDS["history"] = ("print the task's promotion audit trail",
 
 # %% ../nbs/21_cli.ipynb #c043
 def configure_diff(p):
-    p.add_argument("task"); p.add_argument("a", type=int, help="baseline version")
-    p.add_argument("b", type=int, help="candidate version"); p.add_argument("--max-flips", type=int, default=50)
+    p.add_argument("task"); p.add_argument("a", type=whole(), help="baseline version")
+    p.add_argument("b", type=whole(), help="candidate version")
+    p.add_argument("--max-flips", type=whole("[0, inf)"), default=50)
     p.add_argument("--output", metavar="FILE", help="also write every flipped example (.csv, .jsonl, .parquet)")
 
 def cmd_diff(a) -> int:
     "Impact of replacing version a by b on the latest eval runs."
     from promptsys.promotion import impact
-    imp = impact(a.task, a.b, a.a, settings=settings_from_args(a), log_to_run=False)
+    s = settings_from_args(a)
+    task_versions(a.task, s, [a.a, a.b])
+    if a.output: output_path(a.output, "--output", (".csv", ".jsonl", ".parquet"))
+    imp = impact(a.task, a.b, a.a, settings=s, log_to_run=False)
     print(imp.to_text(a.max_flips))
     if a.output:
         from promptsys.evaluation import write_table
@@ -399,7 +541,8 @@ COMMANDS["diff"] = ("impact of replacing version a by b: flipped examples, per l
     configure_diff, cmd_diff)
 
 # %% ../nbs/21_cli.ipynb #c044
-def configure_ui(p): p.add_argument("--host", default="127.0.0.1"); p.add_argument("--port", type=int, default=5000)
+def configure_ui(p):
+    p.add_argument("--host", default="127.0.0.1"); p.add_argument("--port", type=whole("[1, 65535]"), default=5000)
 
 def cmd_ui(a) -> int:
     "Run the MLflow UI on the configured tracking store."
@@ -419,6 +562,7 @@ def _rollout_cmd(a) -> int:
     from promptsys import rollout as ro
     from promptsys.registry import follow_seconds
     s = settings_from_args(a)
+    task_versions(a.task, s, [a.version] if getattr(a, "version", None) else [])
     when = f"running services follow within {follow_seconds(s):g} s"
     if a.sub in ("start", "shadow"):
         st = ro.start(a.task, a.version, a.percent if a.sub == "start" else 0.0,
@@ -444,18 +588,20 @@ def configure_rollout(p):
     def add(name, help_):
         c = sub.add_parser(name, help=help_); c.add_argument("task"); c.set_defaults(fn=_rollout_cmd); return c
     st = add("start", "route a share of the callers to a candidate (sticky per caller)")
-    st.add_argument("--version", type=int, required=True); st.add_argument("--percent", type=float)
-    st.add_argument("--shadow", type=float, default=0.0, help="also shadow this percent of production's calls")
+    st.add_argument("--version", type=whole(), required=True); st.add_argument("--percent", type=number("[0, 100]"))
+    st.add_argument("--shadow", type=number("[0, 100]"), default=0.0,
+                    help="also shadow this percent of production's calls")
     sh = add("shadow", "run a candidate unseen beside a share of production's calls")
-    sh.add_argument("--version", type=int, required=True); sh.add_argument("--percent", type=float, default=100.0)
+    sh.add_argument("--version", type=whole(), required=True)
+    sh.add_argument("--percent", type=number("[0, 100]"), default=100.0)
     ad = add("advance", "raise the canary's share to the next step (past the last: promote through the gate)")
-    ad.add_argument("--to", type=float); ad.add_argument("--force", action="store_true")
+    ad.add_argument("--to", type=number("(0, 100]")); ad.add_argument("--force", action="store_true")
     add("abort", "send every call back to production now")
     for name, help_ in (("status", "the live comparison of candidate and production"),
                         ("check", "judge once; abort on a regression (exit 1)")):
         add(name, help_).add_argument("--json", action="store_true")
     w = add("watch", "check every [rollout] check_seconds until the rollout ends")
-    w.add_argument("--interval", type=float); w.add_argument("--seconds", type=float)
+    w.add_argument("--interval", type=number()); w.add_argument("--seconds", type=number())
     for c in (st, sh, ad, sub.choices["abort"]): c.add_argument("--reason")
 
 COMMANDS["rollout"] = ("shadow and canary rollouts judged on live traffic: start, status, advance, abort, watch",
@@ -464,8 +610,8 @@ COMMANDS["rollout"] = ("shadow and canary rollouts judged on live traffic: start
 # %% ../nbs/21_cli.ipynb #c046
 def configure_schedule(p):
     p.add_argument("task", nargs="?", default="sentiment")
-    p.add_argument("--versions", help="comma-separated version numbers (default: all)")
-    p.add_argument("--limit", type=int, help="a reproducible sample of N examples (default: all)")
+    p.add_argument("--versions", type=versions_list, help="comma-separated version numbers (default: all)")
+    p.add_argument("--limit", type=whole(), help="a reproducible sample of N examples (default: all)")
     p.add_argument("--promote", action="store_true", help="promote the winner if the gate passes (default: dry run)")
     p.add_argument("--no-watch", action="store_true", help="skip the production regression watch")
 
@@ -489,6 +635,7 @@ def cmd_schedule(a) -> int:
     from promptsys.registry import parse_versions
     from promptsys.schedule import schedule
     s = settings_from_args(a)
+    task_versions(a.task, s, parse_versions(a.versions))      # before papermill starts a kernel
     code, rep = schedule(a.task, s, overrides=set_overrides(a), versions=parse_versions(a.versions), limit=a.limit,
                          promote_winner=a.promote, watch_production=not a.no_watch)
     print(schedule_text(rep)); print(f"exit {code}")
@@ -523,15 +670,16 @@ COMMANDS["ci"] = ("change control: check, evaluate and gate the prompt versions 
 # %% ../nbs/21_cli.ipynb #c049
 def configure_dashboard(p):
     p.add_argument("--task", help="only this task")
-    p.add_argument("--hours", type=float, help="window (default [alerts] window_hours)")
+    p.add_argument("--hours", type=number(), help="window (default [alerts] window_hours)")
     p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML page with plots")
-    p.add_argument("--bucket-minutes", type=float, help="plot bucket length (default: automatic)")
+    p.add_argument("--bucket-minutes", type=number(), help="plot bucket length (default: automatic)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of the box")
 
 def cmd_dashboard(a) -> int:
     "Print the dashboard (and write the HTML page)."
     from promptsys.monitor import summary, dashboard_text, dashboard_html
     s = settings_from_args(a)
+    if a.html: output_path(a.html, "--html")
     if a.json: print(json.dumps(summary(s, hours=a.hours, task=a.task), indent=1, default=str))
     else: print(dashboard_text(s, hours=a.hours, task=a.task))
     if a.html:
@@ -545,7 +693,8 @@ COMMANDS["dashboard"] = ("print the monitoring dashboard (last 24 h), optionally
 # %% ../nbs/21_cli.ipynb #c050
 def configure_feedback(p):
     p.add_argument("request_id"); p.add_argument("--label", help="the correct label")
-    p.add_argument("--score", type=float, help="satisfaction in [0, 1]"); p.add_argument("--note", default="")
+    p.add_argument("--score", type=number("[0, 1]"), help="satisfaction in [0, 1]")
+    p.add_argument("--note", default="")
     p.add_argument("--expected", help="the whole expected answer: a JSON object (json tasks) or the text (text tasks)")
 
 def cmd_feedback(a) -> int:
@@ -559,7 +708,7 @@ COMMANDS["feedback"] = ("record user feedback (correct label, expected answer an
 
 # %% ../nbs/21_cli.ipynb #c051
 def configure_alerts(p):
-    p.add_argument("--task"); p.add_argument("--hours", type=float)
+    p.add_argument("--task"); p.add_argument("--hours", type=number())
     p.add_argument("--dry-run", action="store_true", help="evaluate and print, send nothing")
 
 def cmd_alerts(a) -> int:
@@ -575,9 +724,10 @@ COMMANDS["alerts"] = ("evaluate the alert rules and fire them (deduplicated)",
 
 # %% ../nbs/21_cli.ipynb #c052
 def configure_metrics(p):
-    p.add_argument("--serve", type=int, metavar="PORT", help="serve /metrics on this port until interrupted")
+    p.add_argument("--serve", type=whole("[0, 65535]"), metavar="PORT",
+                   help="serve /metrics on this port until interrupted")
     p.add_argument("--addr", default="127.0.0.1", help="address to bind with --serve (0.0.0.0 for remote scrapers)")
-    p.add_argument("--hours", type=float)
+    p.add_argument("--hours", type=number())
 
 def cmd_metrics(a) -> int:
     "Print the Prometheus exposition, or serve it."
@@ -641,6 +791,52 @@ def cmd_shared(a) -> int:
 
 COMMANDS["shared"] = ("where the cache, breakers, budgets and rate limits live, and whether Redis answers",
                       configure_shared, cmd_shared)
+
+# %% ../nbs/21_cli.ipynb #c057_c2
+def source_label(src:str) -> str:
+    "Where a setting came from, as `config check` prints it: default, file, env or --set."
+    if src == "default": return "default"
+    if src == "argument": return "--set"
+    return f"env {src[1:]}" if src.startswith("$") else "file"
+
+def config_rows(s:Settings) -> list[dict]:
+    "Every effective setting: key, value, source and (numbers) allowed range."
+    from promptsys.config import SCHEMA, key_range
+    rows = []
+    for sec, vals in s.as_dict().items():
+        for k, v in vals.items():
+            rng = key_range(sec, k) if k in SCHEMA.get(sec, {}) else None
+            rows.append(dict(key=f"{sec}.{k}", value=v if isinstance(v, (int, float, bool)) or v is None else
+                             ", ".join(v) if isinstance(v, tuple) else str(v),
+                             source=source_label(s.sources.get(f"{sec}.{k}", "default")), range=rng or ""))
+    return rows
+
+def configure_config(p):
+    sub = p.add_subparsers(dest="sub", required=True, metavar="SUB")
+    c = sub.add_parser("check", help="print the effective settings with their sources and check them")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.set_defaults(fn=cmd_config_check)
+
+def cmd_config_check(a) -> int:
+    "Load and check the settings; print them with their sources. 0 when valid, 2 with the error otherwise."
+    try: s = settings_from_args(a)
+    except ConfigError as e:
+        if not a.json: raise
+        print(json.dumps({"ok": False, "error": {**e.to_dict(), **{k: str(v) for k, v in e.details.items()}}}))
+        return 2
+    rows = config_rows(s)
+    if a.json:
+        print(json.dumps({"ok": True, "file": str(s.path) if s.path else None,
+                          "settings": {r["key"]: {k: r[k] for k in ("value", "source", "range")} for r in rows}},
+                         indent=1, default=str))
+        return 0
+    print(f"# settings file: {s.path or '(none: defaults, environment and --set only)'}")
+    print(table_text([{**r, "value": str(r["value"])} for r in rows]))
+    print(f"# ok: {len(rows)} settings valid")
+    return 0
+
+COMMANDS["config"] = ("print the effective settings with their sources and check them (config check)",
+                      configure_config, None)
 
 # %% ../nbs/21_cli.ipynb #c061
 # `python -m promptsys.cli ...`; a notebook running this cell has no `__file__`, so it does not exit

@@ -4,13 +4,14 @@
 
 # %% ../nbs/01_config.ipynb #c003
 from __future__ import annotations
-import configparser, os
+import configparser, os, re
+from functools import lru_cache
 from pathlib import Path
 from .errors import ConfigError
 
 # %% auto #0
-__all__ = ['SCHEMA', 'FREE_SECTIONS', 'UNDER_STATE_DIR', 'ENV_PREFIX', 'Section', 'Settings', 'find_settings_file',
-           'load_settings', 'get_settings']
+__all__ = ['SCHEMA', 'FREE_SECTIONS', 'DEFAULT_RANGE', 'UNDER_STATE_DIR', 'ENV_PREFIX', 'parse_range', 'in_range', 'key_range',
+           'Section', 'Settings', 'find_settings_file', 'load_settings', 'get_settings']
 
 # %% ../nbs/01_config.ipynb #c006
 SCHEMA: dict[str, dict[str, tuple]] = {
@@ -18,92 +19,144 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                       mode=(("strict", "service"), "strict"), log_level=("str", "WARNING"),
                       records=(("log", "jsonl", "none"), "log"), records_path=("path", "")),
     "model": dict(provider=(("local", "openai", "anthropic", "replay"), "local"), name=("str", ""),
-                  max_tokens=("int", 0), temperature=("float", 0.0), seed=("int", 0),
-                  fallbacks=("list", ""), cascade=("list", ""), cascade_min_confidence=("float", 0.0)),
-    "local": dict(model_path=("path", ""), n_ctx=("int", 2048), n_threads=("int", 2), n_batch=("int", 512),
+                  max_tokens=("int", 0), temperature=("float", 0.0, "[0, 2]"), seed=("int", 0),
+                  fallbacks=("list", ""), cascade=("list", ""), cascade_min_confidence=("float", 0.0, "[0, 1]")),
+    "local": dict(model_path=("path", ""), n_ctx=("int", 2048, "[16, inf)"), n_threads=("int", 2, "[1, inf)"),
+                  n_batch=("int", 512, "[1, inf)"),
                   decoding=(("grammar", "logprob", "calibrated", "free"), "calibrated")),
     "openai": dict(base_url=("str", "https://api.openai.com/v1"), endpoints=("list", ""),
                    api_key_env=("str", "OPENAI_API_KEY"), model=("str", "gpt-4o-mini"),
                    balance=(("round_robin", "least_in_flight"), "round_robin"),
                    constrain=(("none", "json_schema", "grammar"), "none"),
                    max_tokens_param=(("auto", "max_tokens", "max_completion_tokens"), "auto"),
-                   connect_timeout=("float", 5.0), read_timeout=("float", 60.0), max_connections=("int", 100)),
+                   connect_timeout=("float", 5.0, "(0, inf)"), read_timeout=("float", 60.0, "(0, inf)"),
+                   max_connections=("int", 100, "[1, inf)")),
     "anthropic": dict(base_url=("str", "https://api.anthropic.com"), api_key_env=("str", "ANTHROPIC_API_KEY"),
                       model=("str", "claude-3-5-haiku-latest"), api_version=("str", "2023-06-01"),
                       constrain=(("none", "tool"), "none"),
-                      connect_timeout=("float", 5.0), read_timeout=("float", 60.0)),
+                      connect_timeout=("float", 5.0, "(0, inf)"), read_timeout=("float", 60.0, "(0, inf)")),
     "replay": dict(cassette=("path", ""),
                    mode=(("replay", "record", "auto"), "replay"),
                    inner=(("local", "openai", "anthropic"), "local")),
     "cache": dict(enabled=("bool", True), dir=("path", ""), ttl_seconds=("float", 7 * 86400),
-                  size_limit_mb=("int", 1024)),
-    "retry": dict(max_attempts=("int", 4), initial_wait=("float", 0.25), max_wait=("float", 8.0),
-                  jitter=("float", 0.25), deadline_seconds=("float", 120.0)),
+                  size_limit_mb=("int", 1024, "[1, inf)")),
+    "retry": dict(max_attempts=("int", 4, "[1, 100]"), initial_wait=("float", 0.25), max_wait=("float", 8.0),
+                  jitter=("float", 0.25), deadline_seconds=("float", 120.0, "(0, inf)")),
     "ratelimit": dict(requests_per_minute=("float", 0.0), tokens_per_minute=("float", 0.0),
                       backoff_on_429=("float", 1.0)),
-    "breaker": dict(enabled=("bool", True), failure_threshold=("int", 5), window_seconds=("float", 30.0),
-                    reset_timeout=("float", 15.0), half_open_max_calls=("int", 1), shared=("bool", True),
-                    failure_rate=("float", 0.0), min_calls=("int", 20)),
+    "breaker": dict(enabled=("bool", True), failure_threshold=("int", 5, "[0, inf)"),
+                    window_seconds=("float", 30.0, "(0, inf)"), reset_timeout=("float", 15.0, "(0, inf)"),
+                    half_open_max_calls=("int", 1, "[1, inf)"), shared=("bool", True),
+                    failure_rate=("float", 0.0, "[0, 1]"), min_calls=("int", 20, "[1, inf)")),
     "budget": dict(daily_usd=("float", 0.0), total_usd=("float", 0.0),
                    on_exceed=(("stop", "downgrade", "warn"), "stop"), downgrade_to=("str", ""),
-                   alert_at=("float", 0.8),
-                   lease_seconds=("float", 2.0)),
+                   alert_at=("float", 0.8, "[0, 1]"), lease_seconds=("float", 2.0)),
     "prices": {},
     "redis": dict(use=("list", ""), url_env=("str", "PROMPTSYS_REDIS_URL"), key_prefix=("str", "promptsys"),
-                  retry_seconds=("float", 5.0), timeout=("float", 0.25)),
+                  retry_seconds=("float", 5.0), timeout=("float", 0.25, "(0, inf)")),
     "mlflow": dict(tracking_uri=("str", "sqlite:///mlflow.db"), experiment_prefix=("str", "promptsys"),
                    alias_cache_seconds=("float", 5.0)),
-    "eval": dict(concurrency=("int", 4), repeats=("int", 1), bad_rows=(("error", "skip"), "error"),
-                 runs_dir=("path", "experiments/runs")),
-    "gate": dict(min_gain=("float", 0.0), alpha=("float", 0.05), bootstrap=("int", 2000),
-                 max_format_drop=("float", 0.02), max_p95_latency_increase=("float", 0.5),
-                 max_cost_increase=("float", 0.5), regression_threshold=("float", 0.05),
+    "eval": dict(concurrency=("int", 4, "[1, 256]"), repeats=("int", 1, "[1, 100]"),
+                 bad_rows=(("error", "skip"), "error"), runs_dir=("path", "experiments/runs")),
+    "gate": dict(min_gain=("float", 0.0, "[-1, 1]"), alpha=("float", 0.05, "(0, 1)"),
+                 bootstrap=("int", 2000, "[100, inf)"), max_format_drop=("float", 0.02, "[0, 1]"),
+                 max_p95_latency_increase=("float", 0.5, "[-1, inf)"),
+                 max_cost_increase=("float", 0.5, "[-1, inf)"), regression_threshold=("float", 0.05, "[0, 1]"),
                  auto_rollback=("bool", False)),
     "monitor": dict(enabled=("bool", False), db_path=("path", ""),
-                    flush_seconds=("float", 1.0), batch_size=("int", 256), tracing=("bool", False),
-                    exact_max_calls=("int", 50000), consistency_calls=("int", 10000),
-                    prometheus=("bool", False), scrape_refresh_seconds=("float", 10.0),
+                    flush_seconds=("float", 1.0, "(0, inf)"), batch_size=("int", 256, "[1, inf)"),
+                    tracing=("bool", False),
+                    exact_max_calls=("int", 50000), consistency_calls=("int", 10000, "[1, inf)"),
+                    prometheus=("bool", False), scrape_refresh_seconds=("float", 10.0, "(0, inf)"),
                     output_max_chars=("int", 2000), retention_days=("float", 30.0),
-                    rollup_retention_days=("float", 400.0), prune_seconds=("float", 3600.0)),
-    "alerts": dict(max_error_rate=("float", 0.05), max_p95_latency_ms=("float", 5000.0),
-                   min_accuracy=("float", 0.0), budget_used=("float", 0.8),
-                   latency_trend=("float", 1.5), dedup_seconds=("float", 3600.0),
-                   webhook_url=("str", ""), window_hours=("float", 24.0)),
-    "rollout": dict(steps=("list", "5,25,50,100"), min_calls=("int", 50), alpha=("float", 0.05),
-                    shadow_workers=("int", 2), shadow_queue=("int", 64), check_seconds=("float", 10.0)),
+                    rollup_retention_days=("float", 400.0), prune_seconds=("float", 3600.0, "(0, inf)")),
+    "alerts": dict(max_error_rate=("float", 0.05, "[0, 1]"), max_p95_latency_ms=("float", 5000.0, "(0, inf)"),
+                   min_accuracy=("float", 0.0, "[0, 1]"), budget_used=("float", 0.8, "[0, 1]"),
+                   latency_trend=("float", 1.5, "(0, inf)"), dedup_seconds=("float", 3600.0),
+                   webhook_url=("str", ""), window_hours=("float", 24.0, "(0, inf)")),
+    "rollout": dict(steps=("list", "5,25,50,100"), min_calls=("int", 50, "[1, inf)"),
+                    alpha=("float", 0.05, "(0, 1)"),
+                    shadow_workers=("int", 2, "[1, inf)"), shadow_queue=("int", 64, "[1, inf)"),
+                    check_seconds=("float", 10.0, "(0, inf)")),
 }
 FREE_SECTIONS = {"prices"}
+DEFAULT_RANGE = "[0, inf)"   # the range of a numeric key that declares none
 # Paths left empty live under [promptsys] state_dir, so one setting moves all of a service's state.
 UNDER_STATE_DIR = {("promptsys", "records_path"): "records.jsonl", ("cache", "dir"): "cache",
                    ("replay", "cassette"): "cassettes/default.json", ("monitor", "db_path"): "metrics.db"}
 ENV_PREFIX = "PROMPTSYS_"
 
+# %% ../nbs/01_config.ipynb #c009_r2
+_RANGE = re.compile(r"^\s*([\[(])\s*([-+0-9.eE]+|-inf)\s*,\s*([-+0-9.eE]+|inf)\s*([\])])\s*$")
+
+@lru_cache(maxsize=None)
+def parse_range(text:str) -> tuple[float, float, bool, bool]:
+    "`'[0, 1)'` → `(0.0, 1.0, True, False)`: low, high, and whether each end is included."
+    m = _RANGE.match(text)
+    if not m: raise ValueError(f"bad range {text!r}: write it like [0, inf), (0, 1) or [1, 100]")
+    return float(m[2]), float(m[3]), m[1] == "[", m[4] == "]"
+
+def in_range(x, text:str) -> bool:
+    "Is the number `x` inside the interval `text`?"
+    lo, hi, lo_in, hi_in = parse_range(text)
+    if x != x: return False   # NaN
+    return (lo <= x if lo_in else lo < x) and (x <= hi if hi_in else x < hi)
+
+def key_range(section:str, key:str) -> str|None:
+    "The allowed range of a numeric setting (None for any other kind)."
+    spec = SCHEMA[section][key]
+    if spec[0] not in ("int", "float"): return None
+    return spec[2] if len(spec) > 2 else DEFAULT_RANGE
+
 # %% ../nbs/01_config.ipynb #c011
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
-def _convert(section:str, key:str, kind, raw, base:Path, source:str):
-    where = f"[{section}] {key} = {raw!r} (from {source})"
-    if not isinstance(raw, str): return raw  # an explicit override passed as a typed value
+def _parse(kind, raw:str, base:Path):
+    "A string `raw` as a value of `kind` (ValueError when it is not one)."
     raw = raw.strip()
+    if kind == "str": return raw
+    if kind == "int":
+        try: return int(raw)
+        except ValueError: raise ValueError("expected a whole number") from None
+    if kind == "float":
+        try: return float(raw)
+        except ValueError: raise ValueError("expected a number") from None
+    if kind == "bool":
+        if raw.lower() in _TRUE: return True
+        if raw.lower() in _FALSE: return False
+        raise ValueError("expected true/false")
+    if kind == "list": return tuple(x.strip() for x in raw.split(",") if x.strip())
+    if kind == "path":
+        if not raw: return None
+        p = Path(os.path.expanduser(raw))
+        return p if p.is_absolute() else (base / p)
+    if isinstance(kind, tuple):
+        if raw not in kind: raise ValueError(f"expected one of {', '.join(kind)}")
+        return raw
+    raise TypeError(kind)
+
+def _typed_value(kind, raw):
+    "An override passed as a typed value, checked against `kind` (ValueError when it does not fit)."
+    num = isinstance(raw, (int, float)) and not isinstance(raw, bool)
+    if kind == "int" and not (num and float(raw).is_integer()): raise ValueError("expected a whole number")
+    if kind == "int": return int(raw)
+    if kind == "float" and not num: raise ValueError("expected a number")
+    if kind == "float": return float(raw)
+    if kind == "bool" and not isinstance(raw, bool): raise ValueError("expected true/false")
+    if kind == "list" and isinstance(raw, (list, tuple)): return tuple(raw)
+    return raw
+
+def _convert(section:str, key:str, kind, raw, base:Path, source:str, rng:str|None=None):
+    where = f"[{section}] {key} = {raw!r} ({section}.{key}, from {source})"
     try:
-        if kind == "str": return raw
-        if kind == "int": return int(raw)
-        if kind == "float": return float(raw)
-        if kind == "bool":
-            if raw.lower() in _TRUE: return True
-            if raw.lower() in _FALSE: return False
-            raise ValueError("expected true/false")
-        if kind == "list": return tuple(x.strip() for x in raw.split(",") if x.strip())
-        if kind == "path":
-            if not raw: return None
-            p = Path(os.path.expanduser(raw))
-            return p if p.is_absolute() else (base / p)
-        if isinstance(kind, tuple):
-            if raw not in kind: raise ValueError(f"expected one of {', '.join(kind)}")
-            return raw
+        val = _parse(kind, raw, base) if isinstance(raw, str) else _typed_value(kind, raw)
+        if rng is not None and not in_range(val, rng): raise ValueError(f"out of range, allowed {rng}")
     except ValueError as e:
-        raise ConfigError(f"bad value {where}: {e}", section=section, key=key) from None
-    raise ConfigError(f"schema error for {where}")
+        hint = (f"Set {section}.{key} to a value in {rng}." if rng and "range" in str(e) else None)
+        raise ConfigError(f"bad value {where}: {e}", hint, section=section, key=key, value=raw, range=rng,
+                          source=source) from None
+    except TypeError: raise ConfigError(f"schema error for {where}") from None
+    return val
 
 # %% ../nbs/01_config.ipynb #c015
 class Section(dict):
@@ -116,8 +169,8 @@ class Section(dict):
 # %% ../nbs/01_config.ipynb #c018
 class Settings:
     "All settings, by section: `settings.cache.ttl_seconds`. `settings.path` is the file they came from."
-    def __init__(self, sections:dict, path:Path|None, base:Path):
-        self._sections, self.path, self.base = sections, path, base
+    def __init__(self, sections:dict, path:Path|None, base:Path, sources:dict|None=None):
+        self._sections, self.path, self.base, self.sources = sections, path, base, sources or {}
     def __getattr__(self, k):
         if k.startswith("_"): raise AttributeError(k)
         try: return self._sections[k]
@@ -145,7 +198,10 @@ def _read_file(path:Path, raw:dict):
     "Add the settings file's values to `raw` (section -> key -> (value, source))."
     cp = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
     cp.optionxform = str
-    try: cp.read(path, encoding="utf-8")
+    try: cp.read_string(Path(path).read_bytes().decode("utf-8"), source=str(path))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"settings file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start})", "Save the file as UTF-8.") from None
     except configparser.Error as e: raise ConfigError(f"cannot parse {path}: {e}") from None
     for s in cp.sections():
         if s not in SCHEMA: raise ConfigError(f"unknown section [{s}] in {path}; known: {', '.join(SCHEMA)}")
@@ -167,19 +223,21 @@ def _read_overrides(overrides:dict, raw:dict):
         raw[s][k] = (v, "argument")
 
 # %% ../nbs/01_config.ipynb #c030
-def _typed_sections(raw:dict, base:Path) -> dict[str, Section]:
-    "The sections of `raw`, every schema key converted (or defaulted), empty state paths filled in."
-    sections = {}
+def _typed_sections(raw:dict, base:Path, sources:dict|None=None) -> dict[str, Section]:
+    "The sections of `raw`, every schema key converted (or defaulted) and range-checked, empty state paths filled in."
+    sections, sources = {}, ({} if sources is None else sources)
     for s, keys in SCHEMA.items():
         vals = {}
-        for k, (kind, default) in keys.items():
+        for k, (kind, default, *_) in keys.items():
             val, src = raw[s].pop(k, (default, "default"))
-            vals[k] = _convert(s, k, kind, val, base, src)
+            vals[k] = _convert(s, k, kind, val, base, src, key_range(s, k))
+            sources[f"{s}.{k}"] = src
         if raw[s] and s not in FREE_SECTIONS:
             k, (v, src) = next(iter(raw[s].items()))
             raise ConfigError(f"unknown key [{s}] {k} (from {src}); known keys: {', '.join(keys)}",
                               section=s, key=k)
         vals.update({k: v for k, (v, _) in raw[s].items()})
+        sources.update({f"{s}.{k}": src for k, (_, src) in raw[s].items()})
         sections[s] = Section(vals)
     for (sec, key), sub in UNDER_STATE_DIR.items():
         if sections[sec][key] is None: sections[sec][key] = Path(sections["promptsys"]["state_dir"]) / sub
@@ -193,14 +251,16 @@ def load_settings(path:str|Path|None=None, # A settings file; default: see `find
     "Load settings: schema defaults ← file ← `PROMPTSYS_SECTION__KEY` env ← `overrides`."
     path = Path(path) if path else find_settings_file()
     if path is not None and not Path(path).is_file():
-        raise ConfigError(f"settings file {str(path)!r} does not exist",
-                          "Pass an existing file or unset PROMPTSYS_SETTINGS.")
+        what = "is not a file" if Path(path).exists() else "does not exist"
+        raise ConfigError(f"settings file {str(path)!r} {what}", "Pass an existing file or unset PROMPTSYS_SETTINGS.")
     base = Path(path).resolve().parent if path else Path.cwd()
     raw: dict[str, dict[str, tuple[str, str]]] = {s: {} for s in SCHEMA}
     if path: _read_file(path, raw)
     _read_env(os.environ if env is None else env, raw)
     _read_overrides(overrides or {}, raw)
-    return Settings(_typed_sections(raw, base), Path(path).resolve() if path else None, base)
+    sources = {}
+    sections = _typed_sections(raw, base, sources)
+    return Settings(sections, Path(path).resolve() if path else None, base, sources)
 
 # %% ../nbs/01_config.ipynb #c047
 _default: Settings|None = None

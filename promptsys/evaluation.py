@@ -59,15 +59,17 @@ class Dataset:
 # %% ../nbs/16_evaluation.ipynb #c011
 def _raw_rows(path:Path):
     "(line number, row or a problem string) for each non-blank row of a JSONL or CSV file."
+    import io
+    from promptsys.prompts import read_utf8      # a file that is not UTF-8: an error naming it
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
+        with io.StringIO(read_utf8(path), newline="") as f:
             rd = csv.DictReader(f)
             for row in rd:
                 if not any((v or "").strip() for v in row.values() if isinstance(v, str)): continue
                 if None in row: yield rd.line_num, f"{len(row[None])} more field(s) than the header"; continue
                 yield rd.line_num, row
         return
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(read_utf8(path).splitlines(), 1):
         if not line.strip(): continue
         try: row = json.loads(line)
         except json.JSONDecodeError as e: yield i, f"not valid JSON ({e.msg} at column {e.colno})"; continue
@@ -634,9 +636,11 @@ def evaluate(task:str|Task, # A task name or a loaded `Task`
     "Evaluate versions of a task on a dataset through the pipeline, one MLflow run per version; a summary DataFrame."
     from concurrent.futures import ThreadPoolExecutor
     from promptsys.pipeline import Pipeline
+    from promptsys.validation import check_number
     s = load_settings(settings) if isinstance(settings, (str, Path)) else (settings or get_settings())
     t = task if isinstance(task, Task) else load_task(task, s.promptsys.prompts_dir)
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset or t.dataset or "", t, s.eval.bad_rows)
+    for name, n in (("limit", limit), ("sample", sample), ("repeats", repeats)): check_number(name, n)
     ds = ds.sample(sample) if sample else ds.head(limit)
     vs = [t.version(v) for v in (versions or list(t.versions))]
     repeats = max(1, repeats or s.eval.repeats)

@@ -27,10 +27,14 @@ def load_model(path:Path, # The GGUF file
     if key not in _models:
         with _load_lock:
             if key not in _models:
+                if not Path(path).is_file(): raise ConfigError(f"[local] model_path {path} does not exist")
+                with open(path, "rb") as f: magic = f.read(4)
+                if magic != b"GGUF":      # llama.cpp would crash or print a C error on anything else
+                    raise ConfigError(f"[local] model_path {path} is not a GGUF model (it starts with {magic!r})",
+                                      "Point [local] model_path at a .gguf file, or leave it empty for SmolLM2.")
                 try: from llama_cpp import Llama
                 except ImportError:
                     raise ConfigError("llama-cpp-python is not installed", f"Run: {INSTALL_CMD}") from None
-                if not Path(path).is_file(): raise ConfigError(f"[local] model_path {path} does not exist")
                 if state_dir is None:
                     from promptsys.config import get_settings
                     state_dir = get_settings().promptsys.state_dir

@@ -28,7 +28,8 @@ def _settings(settings) -> Settings:
 
 def _window(s:Settings, hours, now, since=None) -> tuple[float, float, float]:
     until = time.time() if now is None else float(now)
-    h = float(hours if hours is not None else s.alerts.window_hours)
+    from promptsys.validation import check_number
+    h = float(check_number("hours", hours, "(0, inf)", whole=False) or s.alerts.window_hours)
     return (until - h * 3600 if since is None else since), until, h
 
 def _where(since, until, task, alias="") -> tuple[str, list]:

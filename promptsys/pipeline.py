@@ -108,6 +108,10 @@ class Pipeline:
         self.task = task if isinstance(task, Task) else load_task(task, s.promptsys.prompts_dir)
         self.live, self._alias, self._fixed = self._follow(version)
         self.mode = mode or s.promptsys.mode
+        if self.mode not in ("strict", "service"):
+            raise ConfigError(f"mode {self.mode!r}: use 'strict' or 'service'", "Pass mode='strict' or 'service'.")
+        from promptsys.validation import check_number
+        check_number("max_tokens", max_tokens, "[1, inf)"); check_number("temperature", temperature, "[0, 2]", False)
         d = self.task.defaults
         self.max_tokens = max_tokens or s.model.max_tokens or int(d.get("max_tokens", 64))
         self.temperature = float(temperature if temperature is not None

@@ -708,6 +708,7 @@ def promote(task:str|Task, # A task name or `Task`
     "Promote a version to production through the gate."
     s = settings or get_settings()
     t = _load(task, s)
+    if version is not None: t.version(version)     # a version that does not exist: PromptNotFound, not a refusal
     d = gate(t, version, settings=s, metric=metric, min_gain=min_gain)
     client, _ = task_experiment(t, s)
     imp = None

@@ -10,10 +10,12 @@ from functools import cached_property
 from pathlib import Path
 from fastcore.basics import patch
 from .errors import PromptNotFound, TemplateError, ConfigError
+from .config import in_range
 
 # %% auto #0
-__all__ = ['VAR', 'VERSION_FILE', 'ROLES', 'INPUT_TYPES', 'TEXT_SCORERS', 'FIELD_MATCHES', 'content_hash', 'PromptVersion',
-           'chat_template', 'OutputSchema', 'InputLimits', 'input_specs', 'Scoring', 'Task', 'load_task', 'list_tasks',
+__all__ = ['VAR', 'VERSION_FILE', 'ROLES', 'OUTPUT_FIELDS', 'DEFAULTS_FIELDS', 'INPUT_TYPES', 'INPUT_FIELDS', 'TEXT_SCORERS',
+           'FIELD_MATCHES', 'TASK_NAME', 'content_hash', 'PromptVersion', 'chat_template', 'check_fields',
+           'OutputSchema', 'InputLimits', 'input_specs', 'Scoring', 'Task', 'read_utf8', 'load_task', 'list_tasks',
            'scaffold_task']
 
 # %% ../nbs/02_prompts.ipynb #c006
@@ -102,6 +104,35 @@ def render_messages(self:PromptVersion, **values) -> list[dict]:
     self.render(**values)      # the same checks: every variable given, none unknown
     return [{"role": r, "content": _pattern(c).format_map(values)} for r, c in self.messages]
 
+# %% ../nbs/02_prompts.ipynb #c017_h2
+_KINDS = {"whole": "a whole number", "number": "a number", "bool": "true or false", "str": "a string",
+          "strings": "a list of strings"}
+
+def check_fields(d:dict, # A table of a task file
+                 where:str, # The file, for messages
+                 table:str, # The table's name, e.g. "output" or "inputs.subject"
+                 spec:dict # key -> (kind, range) with kind in _KINDS or a tuple of allowed values
+                ) -> dict:
+    "`d` when each key named in `spec` has the right type (and range); a `ConfigError` otherwise."
+    if not isinstance(d, dict): raise ConfigError(f"{where}: [{table}] must be a table, not {d!r}")
+    for k, (kind, rng) in spec.items():
+        if k not in d: continue
+        v, num = d[k], isinstance(d[k], (int, float)) and not isinstance(d[k], bool)
+        ok = (v in kind if isinstance(kind, tuple) else
+              {"whole": num and isinstance(v, int), "number": num, "bool": isinstance(v, bool),
+               "str": isinstance(v, str), "strings": isinstance(v, list) and all(isinstance(x, str) for x in v)}[kind])
+        if ok and rng and num: ok = in_range(v, rng)
+        if not ok:
+            want = f"one of {', '.join(map(repr, kind))}" if isinstance(kind, tuple) else _KINDS[kind]
+            raise ConfigError(f"{where}: [{table}] {k} = {v!r} is not {want}" + (f" in {rng}" if rng else ""),
+                              f"Fix {k} in the [{table}] table of {Path(where).name}.")
+    return d
+
+OUTPUT_FIELDS = dict(kind=(("label", "json", "text"), None), field=("str", None), labels=("strings", None),
+                     confidence=("bool", None), max_chars=("whole", "[0, inf)"), pattern=("str", None),
+                     must_not_contain=("strings", None), schema_file=("str", None))
+DEFAULTS_FIELDS = dict(max_tokens=("whole", "[1, inf)"), temperature=("number", "[0, 2]"))
+
 # %% ../nbs/02_prompts.ipynb #c018
 @dataclass
 class OutputSchema:
@@ -124,10 +155,13 @@ class OutputSchema:
     @classmethod
     def from_dict(cls, d:dict, where:str, base:Path|None=None):
         "The schema of a task file's `[output]` table; `where` names the file in errors, `base` is its folder."
+        check_fields(d, where, "output", OUTPUT_FIELDS)
         kind = d.get("kind", "label")
         if kind not in ("label", "json", "text"):
             raise ConfigError(f"{where}: [output] kind must be 'label', 'json' or 'text', not {kind!r}")
         labels = tuple(d.get("labels", ()))
+        if len(set(labels)) != len(labels) or not all(x.strip() for x in labels):
+            raise ConfigError(f"{where}: [output] labels {list(labels)} must be distinct and non-empty")
         if kind == "label" and not labels: raise ConfigError(f"{where}: a label task needs [output] labels")
         schema = _schema_text(d, where, base) if kind == "json" else ""
         return cls(kind, d.get("field", "text" if kind == "text" else "label"), labels,
@@ -172,17 +206,23 @@ class InputLimits:
 
 # %% ../nbs/02_prompts.ipynb #c024_2
 INPUT_TYPES = ("str", "int", "float", "enum", "list")
+INPUT_FIELDS = dict(variable=("str", None), min_chars=("whole", "[0, inf)"), max_chars=("whole", "[1, inf)"),
+                    on_too_long=(("reject", "truncate"), None), control_chars=(("strip", "reject"), None),
+                    type=(INPUT_TYPES, None), required=("bool", None), min=("number", None), max=("number", None),
+                    max_items=("whole", "[1, inf)"))
 
 def input_specs(cfg:dict, where:str) -> dict[str, InputLimits]:
     "The task's inputs by name, from `[inputs.<name>]` tables or the single `[input]` table."
     known = set(InputLimits.__dataclass_fields__) - {"variable"}
     if "inputs" not in cfg:
-        one = {k: v for k, v in cfg.get("input", {}).items() if k in InputLimits.__dataclass_fields__}
+        one = {k: v for k, v in check_fields(cfg.get("input", {}), where, "input", INPUT_FIELDS).items()
+               if k in InputLimits.__dataclass_fields__}
         spec = InputLimits(**one)
         return {spec.variable: spec}
     out = {}
     for name, d in cfg["inputs"].items():
         if not isinstance(d, dict): raise ConfigError(f"{where}: [inputs.{name}] must be a table")
+        check_fields(d, where, f"inputs.{name}", INPUT_FIELDS)
         if bad := sorted(set(d) - known):
             raise ConfigError(f"{where}: [inputs.{name}] has unknown key(s) {', '.join(bad)}",
                               f"Known keys: {', '.join(sorted(known))}.")
@@ -291,6 +331,14 @@ def _prompts_dir(prompts_dir:str|Path|None) -> Path:
     return Path(prompts_dir)
 
 # %% ../nbs/02_prompts.ipynb #c035
+def read_utf8(f:Path) -> str:
+    "The text of a task folder's file; a `ConfigError` naming the file when it is not UTF-8."
+    data = Path(f).read_bytes()
+    try: return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{f} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})",
+                          "Save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).") from None
+
 def _read_versions(d:Path, task:str, notes:dict) -> dict[int, PromptVersion]:
     "The versions in folder `d`, by number, with their notes from `task.toml`."
     versions = {}
@@ -300,7 +348,7 @@ def _read_versions(d:Path, task:str, notes:dict) -> dict[int, PromptVersion]:
         n = int(m.group(1))
         if n in versions: raise ConfigError(f"{d}: two files for version {n}: {versions[n].path.name} and {f.name}",
                                             "Keep one file per version number.")
-        text = f.read_text(encoding="utf-8").replace("\r\n", "\n")
+        text = read_utf8(f).replace("\r\n", "\n")
         if m.group(3) == "toml":
             try: msgs = tomllib.loads(text).get("messages")
             except tomllib.TOMLDecodeError as e: raise ConfigError(f"{f}: {e}", "Fix the TOML syntax.") from None
@@ -309,11 +357,17 @@ def _read_versions(d:Path, task:str, notes:dict) -> dict[int, PromptVersion]:
     return dict(sorted(versions.items()))
 
 # %% ../nbs/02_prompts.ipynb #c039
+TASK_NAME = re.compile(r"\w[\w.-]{0,99}")
+
 def load_task(name:str, # The task's folder name
               prompts_dir:str|Path|None=None # Folder holding tasks (default: settings' prompts_dir)
              ) -> Task:
     "Load the task `name` from `prompts_dir/name/`."
     prompts_dir = _prompts_dir(prompts_dir)
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name) or ".." in name:
+        shown = repr(name[:60] + ("…" if len(name) > 60 else "")) if isinstance(name, str) else repr(name)
+        raise PromptNotFound(f"no task {shown}: a task name is a folder name of at most 100 letters, digits, "
+                             "_, - or .", "Run `promptsys prompts list` to see the tasks.")
     d = prompts_dir / name
     if not d.is_dir():
         known = ", ".join(list_tasks(prompts_dir)) or "none"
@@ -321,9 +375,13 @@ def load_task(name:str, # The task's folder name
     cfg = {}
     tf = d / "task.toml"
     if tf.is_file():
-        try: cfg = tomllib.loads(tf.read_text(encoding="utf-8"))
+        try: cfg = tomllib.loads(read_utf8(tf))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{tf}: {e}", "Fix the TOML syntax of the task file.") from None
+    for t in ("input", "inputs", "output", "defaults", "dataset", "versions", "scoring"):
+        if t in cfg: check_fields(cfg[t], str(tf), t, {})
+    check_fields(cfg.get("defaults", {}), str(tf), "defaults", DEFAULTS_FIELDS)
+    check_fields(cfg.get("dataset", {}), str(tf), "dataset", dict(path=("str", None)))
     inputs = input_specs(cfg, str(tf))
     notes = {int(str(k).lstrip("v")): v for k, v in cfg.get("versions", {}).items()}
     ds = cfg.get("dataset", {}).get("path")
@@ -362,8 +420,8 @@ def scaffold_task(prompts_dir:str|Path, # Where task folders live
                  ) -> Path:
     "Write a new task folder (never over an existing one); its path."
     if kind not in _KIND_OUTPUT: raise ConfigError(f"--kind {kind!r}: use label, json or text")
-    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", name):
-        raise ConfigError(f"task name {name!r}: use letters, digits, _ or -")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,63}", name):
+        raise ConfigError(f"task name {name[:70]!r}: use at most 64 letters, digits, _ or -")
     bad = [i for i in inputs if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", i)]
     if bad or not inputs: raise ConfigError(f"--inputs {', '.join(bad) or '(none)'}: names must be identifiers")
     d = Path(prompts_dir) / name

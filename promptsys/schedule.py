@@ -154,6 +154,7 @@ def schedule(task:str, # The task to run
             ) -> tuple[int, dict]:
     "Eval notebook, promote notebook (a dry run unless `promote_winner`), regression watch: (exit code, report)."
     s = settings
+    load_task(task, s.promptsys.prompts_dir)     # an unknown task: PromptNotFound before a kernel starts
     nbdir = Path(notebooks_dir or Path(s.base) / "experiments")
     runs_dir = Path(s.eval.runs_dir or nbdir / "runs")
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%S")

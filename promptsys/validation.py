@@ -8,10 +8,11 @@ import json, re, unicodedata
 from functools import lru_cache
 from .errors import InputValidationError, OutputValidationError
 from .prompts import InputLimits, OutputSchema
+from .config import in_range
 
 # %% auto #0
-__all__ = ['CONTROL', 'FENCE', 'validate_input', 'validate_inputs', 'output_model', 'validate_output', 'parse_output',
-           'json_schema', 'gbnf']
+__all__ = ['CONTROL', 'FENCE', 'check_number', 'validate_input', 'validate_inputs', 'output_model', 'validate_output',
+           'parse_output', 'json_schema', 'gbnf']
 
 # %% ../nbs/03_validation.ipynb #c006
 def _as_text(value, limits:InputLimits) -> str:
@@ -30,6 +31,20 @@ def _as_text(value, limits:InputLimits) -> str:
             raise InputValidationError(f"input has invalid unicode (a lone surrogate at position {e.start})",
                                        "Send well-formed text; fix the client's decoding.") from None
         if not unicodedata.is_normalized("NFC", value): value = unicodedata.normalize("NFC", value)
+    return value
+
+# %% ../nbs/03_validation.ipynb #c008_h2
+def check_number(name:str, # The argument's name, for the message
+                 value, # What the caller passed (None: the default, always fine)
+                 rng:str="[1, inf)", # The allowed interval, e.g. "(0, inf)"
+                 whole:bool=True # Must it be a whole number?
+                ):
+    "`value` when it is None or a number in `rng` (whole if `whole`); an `InputValidationError` otherwise."
+    if value is None: return None
+    num = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not num or (whole and not float(value).is_integer()) or not in_range(value, rng):
+        raise InputValidationError(f"{name}={value!r}: expected {'a whole number' if whole else 'a number'} in {rng}",
+                                   f"Pass {name}=None for the default, or a value in {rng}.")
     return value
 
 # %% ../nbs/03_validation.ipynb #c010
