@@ -647,7 +647,7 @@ COMMANDS["schedule"] = ("run the experiments notebooks with papermill (cron), th
 # %% ../nbs/21_cli.ipynb #c046_ci1
 def configure_ci(p):
     p.add_argument("--base", default="origin/main", help="the git ref to compare with (default origin/main)")
-    p.add_argument("--limit", type=int, help="evaluate on the first N rows of each dataset (speed)")
+    p.add_argument("--limit", type=number("[1, inf)"), help="evaluate on the first N rows of each dataset (speed)")
     p.add_argument("--strict", action="store_true", help="every changed version must pass, not only edited production")
     p.add_argument("--task", action="append", help="only this task (repeatable)")
     p.add_argument("--report", metavar="PATH", help="also write the Markdown report here (a pull-request comment)")
@@ -655,10 +655,11 @@ def configure_ci(p):
 def cmd_ci(a) -> int:
     "Check and evaluate the prompt versions a branch changes; exit 1 when one meant for production fails the gate."
     from promptsys.schedule import ci
-    res = ci(a.base, settings=settings_from_args(a), limit=a.limit, strict=a.strict, tasks=a.task)
+    limit = None if a.limit is None else int(a.limit)
+    res = ci(a.base, settings=settings_from_args(a), limit=limit, strict=a.strict, tasks=a.task)
     print(res["report"])
     if a.report:
-        try: Path(a.report).write_text(res["report"] + "\n", encoding="utf-8")
+        try: Path(output_path(a.report, "--report", (".md", ".txt"))).write_text(res["report"] + "\n", encoding="utf-8")
         except OSError as e:
             raise InputValidationError(f"cannot write the report to {a.report}: {e}", "Pass a writable --report path.")
     return 0 if res["passed"] else 1
@@ -762,8 +763,8 @@ def cmd_logs(a) -> int:
 COMMANDS["logs"] = ("the call log: recent calls, one request, failures", configure_logs, cmd_logs)
 
 def configure_prune(p):
-    p.add_argument("--days", type=float, help="keep raw calls this many days (default [monitor] retention_days)")
-    p.add_argument("--rollup-days", type=float, help="keep rollups this many days (default rollup_retention_days)")
+    p.add_argument("--days", type=number("[0, inf)"), help="keep raw calls this many days (default: retention_days)")
+    p.add_argument("--rollup-days", type=number("[0, inf)"), help="keep rollups this many days (0: forever)")
 
 def cmd_prune(a) -> int:
     "Delete what is past retention from the metrics store now (the store's writer also does it every hour)."
