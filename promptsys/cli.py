@@ -300,11 +300,14 @@ def configure_eval(p):
 
 def cmd_eval(a) -> int:
     "Evaluate versions of a task and log them to MLflow; non-zero when any call failed."
+    import os
     from promptsys.evaluation import evaluate, summary_text
     from promptsys.registry import parse_versions, tracking_uri, experiment_name
     s = settings_from_args(a)
     df, evals = evaluate(a.task, parse_versions(a.versions), a.dataset, settings=s, limit=a.limit, sample=a.sample,
                          repeats=a.repeats, cache=not a.no_cache, judge=False if a.no_judge else None, details=True)
+    if phases := os.environ.get("PROMPTSYS_EVAL_PHASES"):     # benchmarks/bench_vs_promptfoo.py reads them
+        Path(phases).write_text(json.dumps(df.attrs["phases"]))
     print(summary_text(df))
     if a.output:
         from promptsys.evaluation import example_rows, write_table
