@@ -274,13 +274,21 @@ def _gone(pgid: int, timeout: float = 60) -> bool:
     return False
 
 
+def _finished(db: Path) -> set:
+    import sqlite3
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try: return {r[0] for r in con.execute("SELECT run_uuid FROM runs WHERE status = 'FINISHED'")}
+    finally: con.close()
+
+
 def test_kill_9_at_any_moment_leaves_no_finished_run_incomplete(env, tmp_path):
-    "SIGKILL a real `promptsys eval` (3 versions) at moments spread over its life — the eval process alone, or it and its "
-    "MLflow worker together; no FINISHED run lacks anything, and the next eval leaves no run RUNNING."
+    "SIGKILL a real `promptsys eval` (3 versions) at moments spread over its life — and at the moment its first run "
+    "turns FINISHED; the eval process alone, or it and its MLflow worker together. No FINISHED run lacks anything, "
+    "and the next eval leaves no run RUNNING."
     import signal
     from tests.fakeserver import control
-    ov = {**env["ov"], "mlflow.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "cache.enabled": "false",
-          "eval.concurrency": "2"}
+    db = tmp_path / "mlflow.db"
+    ov = {**env["ov"], "mlflow.tracking_uri": f"sqlite:///{db}", "cache.enabled": "false", "eval.concurrency": "2"}
     sets = [x for k, v in ov.items() for x in ("--set", f"{k}={v}")]
     cmd = [sys.executable, "-m", "promptsys.cli", *sets, "eval", "sentiment", "--versions", "1,2,3"]
     envp = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -289,10 +297,13 @@ def test_kill_9_at_any_moment_leaves_no_finished_run_incomplete(env, tmp_path):
         t0 = time.monotonic()
         subprocess.run(cmd, cwd=tmp_path, env=envp, capture_output=True, check=True)
         whole = time.monotonic() - t0                        # one eval from start to exit: the kills spread over it
-        for i, frac in enumerate((0.3, 0.6, 0.8, 0.9, 0.97)):
+        for i, when in enumerate((0.3, 0.7, "first FINISHED", 0.95)):
+            before = _finished(db)
             p = subprocess.Popen(cmd, cwd=tmp_path, env=envp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
-            time.sleep(whole * frac)
+            if isinstance(when, float): time.sleep(whole * when)
+            else:                                             # the moment a run of this eval is marked FINISHED
+                while not _finished(db) - before and p.poll() is None: time.sleep(0.005)
             if i % 2: os.killpg(p.pid, signal.SIGKILL)        # the eval and its worker at once
             else: os.kill(p.pid, signal.SIGKILL)              # the eval alone: its worker sees it gone
             p.wait()
