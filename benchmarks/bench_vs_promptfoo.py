@@ -8,7 +8,8 @@ tracking is on, on an existing database (a warm-up eval creates it); promptfoo w
 
 Phases (from the server's first-request / last-answer times, and for promptsys from the phase times `promptsys eval`
 writes to $PROMPTSYS_EVAL_PHASES): start-up (command to first request), calls (first request to last answer),
-tail (last answer to exit) = MLflow set-up wait + logging + exit.
+tail (last answer to exit) = MLflow set-up wait + logging + exit. Also the CPU time each command used (user + sys,
+its child processes included): on a loaded machine the wall times follow it.
 
     python benchmarks/bench_vs_promptfoo.py [--rows 60] [--rounds 5] [--concurrency 32] [--delay-ms 100]
         [--promptfoo DIR] [--large 1000]
@@ -72,15 +73,19 @@ def write_rows(src:Path, n:int, dest:Path) -> list[dict]:
 
 def timed(cmd:list, env:dict, url:str, cwd:Path) -> dict:
     "Run `cmd` to its exit; its wall time and the server's phase times."
+    import resource
     control(url, reset_stats=True)
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     p = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
     t1 = time.time()
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)   # the command and the children it waited for
     if p.returncode not in (0, 100):   # promptfoo exits 100 when a test assertion fails
         raise RuntimeError(f"{cmd[:3]} exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
     st = stats(url)
     first, last = st["first_request_at"], st["last_response_at"]
-    return dict(wall=t1 - t0, startup=first - t0, calls=last - first, tail=t1 - last, requests=st["total"],
+    return dict(wall=t1 - t0, cpu=cpu, startup=first - t0, calls=last - first, tail=t1 - last, requests=st["total"],
                 t0=t0, t1=t1, last=last)
 
 
@@ -154,10 +159,11 @@ def main(argv=None) -> int:
     def med(xs, k):
         v = [x[k] for x in xs if x.get(k) is not None]
         return round(statistics.median(v), 3) if v else None
-    keys = ("wall", "startup", "calls", "tail", "setup_wait", "logging", "exit")
+    keys = ("wall", "startup", "calls", "tail", "setup_wait", "logging", "exit", "cpu")
     res = dict(benchmark="bench_vs_promptfoo", rows=a.rows, versions=versions, concurrency=a.concurrency,
                delay_ms=a.delay_ms, rounds=a.rounds, promptfoo="0.118" if have_pf else None,
-               promptsys={k: med(ps, k) for k in keys}, promptfoo_s={k: med(pf, k) for k in keys[:4]} if have_pf else None,
+               promptsys={k: med(ps, k) for k in keys},
+               promptfoo_s={k: med(pf, k) for k in keys if k in pf[0]} if have_pf else None,
                ratio=round(med(ps, "wall") / med(pf, "wall"), 3) if have_pf else None, target=1.0,
                tail_target_s=0.5, large=large, all_rounds=dict(promptsys=[round(x["wall"], 3) for x in ps],
                                                                promptfoo=[round(x["wall"], 3) for x in pf]),
@@ -169,7 +175,7 @@ def main(argv=None) -> int:
     print(f"{'phase (s)':<34}{'promptsys':>10}{'promptfoo':>10}")
     names = dict(wall="whole process", startup="start-up (to first request)", calls="calls (first request to last answer)",
                  tail="last answer to exit", setup_wait="  MLflow set-up wait", logging="  MLflow logging",
-                 exit="  exit (print, shut down)")
+                 exit="  exit (print, shut down)", cpu="CPU time (user + sys, all processes)")
     for k in keys:
         b = res["promptfoo_s"].get(k) if have_pf and k in res["promptfoo_s"] else None
         v = res["promptsys"][k]

@@ -403,7 +403,9 @@ def confusion_figure(cm:dict, title:str=""):
     "A heat map of a confusion matrix (rows: expected, columns: predicted)."
     from matplotlib.figure import Figure
     rows = list(cm); cols = [c for c in next(iter(cm.values()))] if cm else []
-    fig = Figure(figsize=(1.2 + 1.1 * len(cols), 1.0 + 0.9 * len(rows)), layout="constrained")
+    w, h = 1.2 + 1.1 * len(cols), 1.0 + 0.9 * len(rows)
+    fig = Figure(figsize=(w, h))      # margins in inches, set once: a layout engine would cost more than the drawing
+    fig.subplots_adjust(left=1.05 / w, right=1 - 0.15 / w, bottom=1.0 / h, top=1 - 0.35 / h)
     ax = fig.add_subplot()
     data = [[cm[r][c] for c in cols] for r in rows]
     ax.imshow(data, cmap="Blues")
@@ -418,7 +420,8 @@ def confusion_figure(cm:dict, title:str=""):
 def compare_figure(summary):
     "Versions side by side: accuracy against p95 latency and against cost per call."
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(9, 3.4), layout="constrained")
+    fig = Figure(figsize=(9, 3.4))
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.16, top=0.88, wspace=0.22)
     axes = fig.subplots(1, 2)
     for ax, col, xl in ((axes[0], "latency_p95_ms", "p95 latency (ms)"),
                         (axes[1], "cost_per_call_usd", "cost per call (USD)")):
@@ -560,6 +563,11 @@ def _log_comparison(client, evals:dict):
 # %% ../nbs/16_evaluation.ipynb #c048
 class _Abort(Exception): "The eval asked its tracking worker to stop."
 
+def _cpu_s() -> float:
+    "CPU seconds (user + system) this process has used so far."
+    t = os.times()
+    return t.user + t.system
+
 def _tracking_worker(recv, send, s:Settings, t:Task, vs:list, ds:Dataset, figures:tuple):
     "The MLflow side of an eval: set up, then one message at a time — start / finish a version's run, abort, end."
     client, rids, evals, status = None, {}, {}, "FAILED"
@@ -584,7 +592,7 @@ def _tracking_worker(recv, send, s:Settings, t:Task, vs:list, ds:Dataset, figure
             else:
                 for rid in rids.values(): _log_png(client, rid, cmp, "versions_comparison.png")
         for rid in rids.values(): client.set_terminated(rid, "FINISHED")    # last: a FINISHED run has everything
-        send(("done", rids, time.time()))
+        send(("done", rids, time.time(), _cpu_s()))
         return
     except (_Abort, EOFError): pass                   # EOFError: the eval process is gone (killed)
     except BaseException as e:
@@ -625,12 +633,21 @@ def _run_params(pipe, s:Settings, ds:Dataset, repeats:int, concurrency:int|None,
                    if getattr(p, "decoding", "") == "calibrated" and t.output.kind == "label" else {}))
 
 # %% ../nbs/16_evaluation.ipynb #c048_tw
+import sys
+
+def _preload(figures:tuple):
+    "Import what the end of an eval needs (pandas; matplotlib for figures) in the background while calls still run."
+    import threading
+    def go():
+        import pandas
+        if figures: import matplotlib.figure, matplotlib.backends.backend_agg
+    threading.Thread(target=go, name="promptsys-preload", daemon=True).start()
+
 class TrackingWorker:
     "An eval's MLflow worker: a forked child process when MLflow is not imported yet (its import, store set-up and "
     "logging run beside the calls), else a thread."
     def __init__(self, s:Settings, t:Task, vs:list, ds:Dataset, figures:tuple=FIGURES):
-        import sys
-        self.ready_at = self.setup_s = self.logged_at = None
+        self.ready_at = self.setup_s = self.logged_at = self.worker_cpu_s = None
         self.task, self.figures, self.undrawn = t, figures, []
         args = (s, t, vs, ds, figures)
         self.forked = hasattr(os, "fork") and "mlflow" not in sys.modules
@@ -660,7 +677,6 @@ class TrackingWorker:
         elif msg[0] == "error":
             self._wait("ended")
             d = msg[1]
-            import sys
             cls = getattr(sys.modules[PromptsysError.__module__], d["type"], TrackingError)
             raise (cls if isinstance(cls, type) and issubclass(cls, PromptsysError) else TrackingError)(
                 d["message"], d.get("hint"))
@@ -677,19 +693,21 @@ class TrackingWorker:
         while self._poll(): self._next()
 
     def start(self, pv:PromptVersion, params:dict): self.check(); self._send(("start", pv, params))
-    def finish(self, ev:VersionEval):
-        "Log `ev`'s run now; the worker draws its figure if it is set up (has time), else `end` draws it here."
+    def finish(self, ev:VersionEval, last:bool=False):
+        "Log `ev`'s run now; the worker draws its figure if set up and more calls follow, else `end` does."
         self.check()
-        self._send(("finish", ev, self.ready_at is not None))
-        if self.ready_at is None: self.undrawn.append(ev)
+        here = self.ready_at is None or last
+        self._send(("finish", ev, not here))
+        if here: self.undrawn.append(ev)
+        if not last and "pandas" not in sys.modules: _preload(self.figures)
 
     def _draw_here(self, evals:dict):
-        "The figures the worker had no time for, drawn here (it is still setting up) and handed over as PNG."
+        "The figures the worker has no time for (still setting up, or logging the last run), drawn here as PNG."
         if "confusion" in self.figures and self.task.output.labels:
             for ev in self.undrawn:
                 fig = confusion_figure(ev.confusion, f"{ev.version.task} {ev.version.name}")
                 self._send(("figure", ev.version.number, "confusion_matrix.png", figure_png(fig)))
-        if "comparison" in self.figures and evals and self.ready_at is None:
+        if "comparison" in self.figures and evals:
             self._send(("figure", None, "versions_comparison.png", figure_png(compare_figure(summary_frame(evals)))))
 
     def end(self, evals:dict) -> dict:
@@ -700,7 +718,7 @@ class TrackingWorker:
             self._send(("end",))
         except OSError: pass                          # the worker is gone: its error (or EOF) is read below
         while (msg := self._next())[0] != "done": pass
-        self.logged_at = msg[2]
+        self.logged_at, self.worker_cpu_s = msg[2], msg[3] if self.forked else None
         self.worker.join()
         return msg[1]
 
@@ -792,7 +810,7 @@ def evaluate(task:str|Task, # A task name or a loaded `Task`
             if params.get("calibration") and hasattr(pipe.provider, "content_free_prior"):
                 prior = pipe.provider.content_free_prior(pipe._calibration(pv), t.output.labels)   # cached: no call
                 ev.metrics.update({f"calibration_prior_{_metric_name(l)}": p for l, p in prior.items()})
-            if tw: tw.finish(ev)                      # logged now, while the next version runs
+            if tw: tw.finish(ev, last=pv is vs[-1])  # logged now, while the next version runs
         phases["calls_done"] = time.time()
         if tw:
             for n, rid in tw.end(evals).items(): evals[n].run_id = rid
@@ -801,7 +819,8 @@ def evaluate(task:str|Task, # A task name or a loaded `Task`
         if tw: tw.abort("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     summary = summary_frame(evals)
-    phases.update(tracking_ready=tw and tw.ready_at, tracking_setup_s=tw and tw.setup_s, summary=time.time())
+    phases.update(tracking_ready=tw and tw.ready_at, tracking_setup_s=tw and tw.setup_s, summary=time.time(),
+                  cpu_s=_cpu_s(), worker_cpu_s=tw and tw.worker_cpu_s)
     summary.attrs.update(task=t.name, dataset_hash=ds.hash, dataset=str(ds.path), phases=phases)
     return (summary, evals) if details else summary
 
