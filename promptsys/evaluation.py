@@ -249,8 +249,8 @@ def score(rows:list[dict], # Per-example rows (see above)
     return {**m, **_custom(scorers, rows)}
 
 # %% ../nbs/16_evaluation.ipynb #c029
-def _run_many(pipe, inputs:list, concurrency:int, progress:bool, cache:bool, desc:str="") -> list:
-    "Like `Pipeline.run_batch`, but Ctrl-C cancels pending calls instead of draining them."
+def _run_many(pipe, inputs:list, concurrency:int, progress:bool, cache:bool, desc:str="", pool=None) -> list:
+    "Like `Pipeline.run_batch`, but Ctrl-C cancels pending calls instead of draining them (on `pool`, if given)."
     from concurrent.futures import ThreadPoolExecutor, as_completed
     from tqdm.auto import tqdm
     from promptsys.pipeline import Result
@@ -260,7 +260,7 @@ def _run_many(pipe, inputs:list, concurrency:int, progress:bool, cache:bool, des
             return Result(None, "", pipe.task.name, pipe.prompt.number, pipe.prompt.hash, error=e.to_dict(),
                           timestamp=time.time())
     out = [None] * len(inputs)
-    ex = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="promptsys-eval")
+    ex = pool or ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="promptsys-eval")
     bar = tqdm(total=len(inputs), disable=not progress, desc=desc or f"{pipe.task.name} {pipe.prompt.name}")
     try:
         futs = {ex.submit(one, x): i for i, x in enumerate(inputs)}
@@ -268,7 +268,7 @@ def _run_many(pipe, inputs:list, concurrency:int, progress:bool, cache:bool, des
     except BaseException:
         ex.shutdown(wait=False, cancel_futures=True); raise
     finally: bar.close()
-    ex.shutdown(wait=True)
+    if pool is None: ex.shutdown(wait=True)
     return out
 
 # %% ../nbs/16_evaluation.ipynb #c030
@@ -293,13 +293,15 @@ def _example_row(pipe, e:Example, r, var:str) -> dict:
 def answer(pipe, # A `Pipeline` bound to the version under test
            ds:Dataset, # The examples
            repeats:int=1, # Answers per example (k > 1: k-1 extra fresh answers, for consistency)
-           concurrency:int=4, progress:bool=True, cache:bool=True) -> list[dict]:
+           concurrency:int=4, progress:bool=True, cache:bool=True,
+           pool=None) -> list[dict]: # A `ThreadPoolExecutor` to run the calls on (an eval shares one across versions)
     "Run every example through `pipe` and return the per-example rows."
     pv = pipe.prompt
     keep = set(pv.variables) if len(pipe.task.inputs) == 1 else set(pipe.task.inputs)   # several: every input
     inputs = [{k: v for k, v in e.inputs.items() if k in keep} for e in ds.examples]
-    rs = _run_many(pipe, inputs, concurrency, progress, cache)
-    extra = [_run_many(pipe, inputs, concurrency, progress, False, desc=f"{pipe.task.name} {pv.name} repeat {i + 2}")
+    rs = _run_many(pipe, inputs, concurrency, progress, cache, pool=pool)
+    extra = [_run_many(pipe, inputs, concurrency, progress, False, desc=f"{pipe.task.name} {pv.name} repeat {i + 2}",
+                       pool=pool)
              for i in range(max(1, repeats) - 1)]
     rows = []
     for i, (e, r) in enumerate(zip(ds.examples, rs)):
@@ -785,6 +787,7 @@ def evaluate(task:str|Task, # A task name or a loaded `Task`
              details:bool=False # Also return {version: VersionEval}
             ):
     "Evaluate versions of a task on a dataset through the pipeline, one MLflow run per version; a summary DataFrame."
+    from concurrent.futures import ThreadPoolExecutor
     from promptsys.pipeline import Pipeline
     phases = dict(start=time.time())
     s = load_settings(settings) if isinstance(settings, (str, Path)) else (settings or get_settings())
@@ -795,7 +798,7 @@ def evaluate(task:str|Task, # A task name or a loaded `Task`
     repeats = max(1, repeats or s.eval.repeats)
     if track: check_tracking(tracking_uri(s))
     tw = TrackingWorker(s, t, vs, ds, eval_figures(s)) if track else None     # from the first moment
-    evals = {}
+    evals, pool = {}, None
     try:
         jpipe = judge_pipeline(t, s, provider, cache) if t.scoring.judge and judge is not False else None
         for pv in vs:
@@ -804,7 +807,8 @@ def evaluate(task:str|Task, # A task name or a loaded `Task`
             if jpipe: params.update(judge_task=jpipe.task.name, judge_version=jpipe.prompt.number,
                                     judge_hash=jpipe.prompt.hash)
             if tw: tw.start(pv, params)
-            rows = answer(pipe, ds, repeats, params["concurrency"], progress, cache)
+            pool = pool or ThreadPoolExecutor(params["concurrency"], thread_name_prefix="promptsys-eval")  # one for all
+            rows = answer(pipe, ds, repeats, params["concurrency"], progress, cache, pool=pool)
             if jpipe: judge_rows(jpipe, ds, rows, params["concurrency"], progress, cache)
             evals[pv.number] = ev = VersionEval(pv, rows, score(rows, t.output.labels, scorers), params=params)
             if params.get("calibration") and hasattr(pipe.provider, "content_free_prior"):
@@ -812,10 +816,12 @@ def evaluate(task:str|Task, # A task name or a loaded `Task`
                 ev.metrics.update({f"calibration_prior_{_metric_name(l)}": p for l, p in prior.items()})
             if tw: tw.finish(ev, last=pv is vs[-1])  # logged now, while the next version runs
         phases["calls_done"] = time.time()
+        if pool: pool.shutdown(wait=True)
         if tw:
             for n, rid in tw.end(evals).items(): evals[n].run_id = rid
         phases["logged"] = time.time()
     except BaseException as e:
+        if pool: pool.shutdown(wait=False, cancel_futures=True)
         if tw: tw.abort("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     summary = summary_frame(evals)
