@@ -110,6 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--promptfoo", default=os.environ.get("PROMPTFOO_DIR",
                     str(Path.home() / ".cache/promptsys-bench/promptfoo")), help="folder holding node_modules/promptfoo")
     ap.add_argument("--large", type=int, default=0, help="also one promptsys eval of N rows (whole / calls)")
+    ap.add_argument("--promptsys-root", default=str(ROOT), help="the promptsys checkout to run (e.g. an older commit)")
     a = ap.parse_args(argv)
     versions = [int(v) for v in a.versions.split(",")]
     pf_bin = Path(a.promptfoo) / "node_modules" / ".bin" / "promptfoo"
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
                 url=url, tests=tmp / "tests.csv", prompts="\n".join(f"  - file://{files[v]}" for v in versions)))
             env = dict(os.environ, BENCH_OPENAI_KEY="bench", MLFLOW_DISABLE_TELEMETRY="true",
                        PROMPTSYS_SETTINGS=str(tmp / "settings.ini"), PROMPTSYS_EVAL_PHASES=str(tmp / "phases.json"),
-                       PYTHONPATH=str(ROOT), PROMPTFOO_CONFIG_DIR=str(tmp / "promptfoo"),
+                       PYTHONPATH=a.promptsys_root, PROMPTFOO_CONFIG_DIR=str(tmp / "promptfoo"),
                        PROMPTFOO_DISABLE_TELEMETRY="1", PROMPTFOO_DISABLE_UPDATE="1", OPENAI_API_KEY="bench",
                        PROMPTFOO_DISABLE_REDTEAM_REMOTE_GENERATION="1", NO_COLOR="1")
             ps_cmd = [sys.executable, "-m", "promptsys.cli", "eval", "sentiment", "--versions", a.versions,
@@ -165,6 +166,7 @@ def main(argv=None) -> int:
                promptsys={k: med(ps, k) for k in keys},
                promptfoo_s={k: med(pf, k) for k in keys if k in pf[0]} if have_pf else None,
                ratio=round(med(ps, "wall") / med(pf, "wall"), 3) if have_pf else None, target=1.0,
+               paired_ratio=round(statistics.median(x["wall"] / y["wall"] for x, y in zip(ps, pf)), 3) if have_pf else None,
                tail_target_s=0.5, large=large, all_rounds=dict(promptsys=[round(x["wall"], 3) for x in ps],
                                                                promptfoo=[round(x["wall"], 3) for x in pf]),
                machine=dict(python=platform.python_version(), cpus=os.cpu_count(),
@@ -181,10 +183,13 @@ def main(argv=None) -> int:
         v = res["promptsys"][k]
         print(f"{names[k]:<34}" + (f"{v:>10.2f}" if v is not None else f"{'-':>10}")
               + (f"{b:>10.2f}" if b is not None else ""))
-    if have_pf: print(f"{'promptsys / promptfoo':<34}{res['ratio']:>10.2f}   (target <= 1.0)")
+    if have_pf: print(f"{'promptsys / promptfoo':<34}{res['ratio']:>10.2f}   (median of the rounds' own ratios "
+                      f"{res['paired_ratio']:.2f}; target <= 1.0)")
     if large: print(f"large: {a.large} rows × {len(versions)} versions: whole {large['wall_s']:.2f} s, calls "
                     f"{large['calls_s']:.2f} s, ratio {large['ratio']:.2f} (target <= 1.25)  {large['phases']}")
-    out = ROOT / "benchmarks" / "results" / "bench_vs_promptfoo.json"
+    res["promptsys_root"] = a.promptsys_root if a.promptsys_root != str(ROOT) else "."
+    out = ROOT / "benchmarks" / "results" / ("bench_vs_promptfoo.json" if a.promptsys_root == str(ROOT)
+                                             else "bench_vs_promptfoo_other.json")
     out.write_text(json.dumps(res, indent=1) + "\n")
     return 0
 
