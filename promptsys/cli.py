@@ -16,13 +16,13 @@ __all__ = ['COMMANDS', 'GROUPS', 'USER_ERRORS', 'whole', 'number', 'versions_lis
            'configure_install_local', 'cmd_install_local', 'configure_doctor', 'cmd_doctor', 'accuracy_table',
            'table_text', 'configure_demo', 'cmd_demo', 'cmd_prompts_list', 'cmd_prompts_show', 'configure_prompts',
            'configure_new', 'cmd_new', 'configure_check', 'cmd_check', 'configure_run', 'read_stdin', 'run_inputs',
-           'cmd_run', 'configure_eval', 'cmd_eval', 'configure_promote', 'cmd_promote', 'configure_rollback',
-           'cmd_rollback', 'configure_stage', 'cmd_stage', 'configure_history', 'cmd_history', 'configure_diff',
-           'cmd_diff', 'configure_ui', 'cmd_ui', 'configure_rollout', 'configure_schedule', 'schedule_text',
-           'cmd_schedule', 'configure_ci', 'cmd_ci', 'configure_dashboard', 'cmd_dashboard', 'configure_feedback',
-           'cmd_feedback', 'configure_alerts', 'cmd_alerts', 'configure_metrics', 'cmd_metrics', 'configure_logs',
-           'cmd_logs', 'configure_prune', 'cmd_prune', 'configure_shared', 'cmd_shared', 'source_label', 'config_rows',
-           'configure_config', 'cmd_config_check']
+           'cmd_run', 'exit_now', 'configure_eval', 'cmd_eval', 'configure_promote', 'cmd_promote',
+           'configure_rollback', 'cmd_rollback', 'configure_stage', 'cmd_stage', 'configure_history', 'cmd_history',
+           'configure_diff', 'cmd_diff', 'configure_ui', 'cmd_ui', 'configure_rollout', 'configure_schedule',
+           'schedule_text', 'cmd_schedule', 'configure_ci', 'cmd_ci', 'configure_dashboard', 'cmd_dashboard',
+           'configure_feedback', 'cmd_feedback', 'configure_alerts', 'cmd_alerts', 'configure_metrics', 'cmd_metrics',
+           'configure_logs', 'cmd_logs', 'configure_prune', 'cmd_prune', 'configure_shared', 'cmd_shared',
+           'source_label', 'config_rows', 'configure_config', 'cmd_config_check']
 
 # %% ../nbs/21_cli.ipynb #c007_h2
 _state_dir: Path|None = None     # the last command's state folder: where an internal error's log goes
@@ -178,6 +178,7 @@ def main(argv:list[str]|None=None) -> int:
     "Entry point of the `promptsys` command."
     argv = sys.argv[1:] if argv is None else argv
     a = parser().parse_args(argv)
+    a.program = argv is None                     # this process is the command: it may leave without the teardown
     try: return a.fn(a) or 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr); return 130
@@ -411,6 +412,16 @@ def cmd_run(a) -> int:
 
 COMMANDS["run"] = ("run one input through a task's pipeline", configure_run, cmd_run)
 
+# %% ../nbs/21_cli.ipynb #c036_x2
+def exit_now(code:int):
+    "Leave the process now: flush stdout/stderr, run the exit handlers, skip the interpreter's slow teardown."
+    import atexit, os
+    for f in (sys.stdout, sys.stderr):
+        try: f.flush()
+        except (OSError, ValueError): pass
+    atexit._run_exitfuncs()
+    os._exit(code)
+
 # %% ../nbs/21_cli.ipynb #c037
 def configure_eval(p):
     p.add_argument("task"); p.add_argument("--versions", type=versions_list,
@@ -426,6 +437,7 @@ def configure_eval(p):
 
 def cmd_eval(a) -> int:
     "Evaluate versions of a task and log them to MLflow; non-zero when any call failed."
+    import os
     from promptsys.evaluation import evaluate, summary_text
     from promptsys.registry import parse_versions, tracking_uri, experiment_name
     s = settings_from_args(a)
@@ -435,12 +447,16 @@ def cmd_eval(a) -> int:
         raise DatasetError(f"dataset {a.dataset} is not a file", "Pass an existing .jsonl or .csv file.")
     df, evals = evaluate(a.task, parse_versions(a.versions), a.dataset, settings=s, limit=a.limit, sample=a.sample,
                          repeats=a.repeats, cache=not a.no_cache, judge=False if a.no_judge else None, details=True)
+    if phases := os.environ.get("PROMPTSYS_EVAL_PHASES"):     # benchmarks/bench_vs_promptfoo.py reads them
+        Path(phases).write_text(json.dumps(df.attrs["phases"]))
     print(summary_text(df))
     if a.output:
         from promptsys.evaluation import example_rows, write_table
         print(f"# per-example results: {write_table(example_rows(evals), a.output)}")
     print(f"# MLflow: {tracking_uri(s)}  experiment {experiment_name(a.task, s)}  (promptsys ui)")
-    return 1 if "error_rate" in df and (df["error_rate"] > 0).any() else 0
+    code = 1 if "error_rate" in df and (df["error_rate"] > 0).any() else 0
+    if getattr(a, "program", False): exit_now(code)   # every run is written (the MLflow worker said so)
+    return code
 
 COMMANDS["eval"] = ("evaluate prompt versions on the task's dataset and log them to MLflow", configure_eval, cmd_eval)
 

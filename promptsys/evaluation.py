@@ -18,11 +18,12 @@ from .metrics import percentile
 log = logging.getLogger("promptsys.evaluation")
 
 # %% auto #0
-__all__ = ['log', 'SCORER_COLUMNS', 'INVALID', 'SUMMARY_COLUMNS', 'TABLE_FORMATS', 'Example', 'Dataset', 'load_dataset',
-           'check_task', 'confusion_matrix', 'label_report', 'score', 'answer_output', 'answer', 'token_f1', 'rouge_l',
-           'field_score', 'contains_score', 'judge_answer', 'mark_stale_runs', 'confusion_figure', 'compare_figure',
-           'VersionEval', 'summary_frame', 'judge_pipeline', 'judge_rows', 'evaluate', 'run_summary', 'compare',
-           'run_examples', 'example_score', 'summary_text', 'example_rows', 'write_table']
+__all__ = ['log', 'SCORER_COLUMNS', 'INVALID', 'SUMMARY_COLUMNS', 'FIGURES', 'TABLE_FORMATS', 'Example', 'Dataset',
+           'load_dataset', 'check_task', 'confusion_matrix', 'label_report', 'score', 'answer_output', 'answer',
+           'token_f1', 'rouge_l', 'field_score', 'contains_score', 'judge_answer', 'mark_stale_runs',
+           'confusion_figure', 'compare_figure', 'VersionEval', 'summary_frame', 'eval_figures', 'figure_png',
+           'TrackingWorker', 'judge_pipeline', 'judge_rows', 'evaluate', 'run_summary', 'compare', 'run_examples',
+           'example_score', 'summary_text', 'example_rows', 'write_table']
 
 # %% ../nbs/16_evaluation.ipynb #c007
 @dataclass
@@ -250,8 +251,8 @@ def score(rows:list[dict], # Per-example rows (see above)
     return {**m, **_custom(scorers, rows)}
 
 # %% ../nbs/16_evaluation.ipynb #c029
-def _run_many(pipe, inputs:list, concurrency:int, progress:bool, cache:bool, desc:str="") -> list:
-    "Like `Pipeline.run_batch`, but Ctrl-C cancels pending calls instead of draining them."
+def _run_many(pipe, inputs:list, concurrency:int, progress:bool, cache:bool, desc:str="", pool=None) -> list:
+    "Like `Pipeline.run_batch`, but Ctrl-C cancels pending calls instead of draining them (on `pool`, if given)."
     from concurrent.futures import ThreadPoolExecutor, as_completed
     from tqdm.auto import tqdm
     from promptsys.pipeline import Result
@@ -261,7 +262,7 @@ def _run_many(pipe, inputs:list, concurrency:int, progress:bool, cache:bool, des
             return Result(None, "", pipe.task.name, pipe.prompt.number, pipe.prompt.hash, error=e.to_dict(),
                           timestamp=time.time())
     out = [None] * len(inputs)
-    ex = ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="promptsys-eval")
+    ex = pool or ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="promptsys-eval")
     bar = tqdm(total=len(inputs), disable=not progress, desc=desc or f"{pipe.task.name} {pipe.prompt.name}")
     try:
         futs = {ex.submit(one, x): i for i, x in enumerate(inputs)}
@@ -269,7 +270,7 @@ def _run_many(pipe, inputs:list, concurrency:int, progress:bool, cache:bool, des
     except BaseException:
         ex.shutdown(wait=False, cancel_futures=True); raise
     finally: bar.close()
-    ex.shutdown(wait=True)
+    if pool is None: ex.shutdown(wait=True)
     return out
 
 # %% ../nbs/16_evaluation.ipynb #c030
@@ -294,13 +295,15 @@ def _example_row(pipe, e:Example, r, var:str) -> dict:
 def answer(pipe, # A `Pipeline` bound to the version under test
            ds:Dataset, # The examples
            repeats:int=1, # Answers per example (k > 1: k-1 extra fresh answers, for consistency)
-           concurrency:int=4, progress:bool=True, cache:bool=True) -> list[dict]:
+           concurrency:int=4, progress:bool=True, cache:bool=True,
+           pool=None) -> list[dict]: # A `ThreadPoolExecutor` to run the calls on (an eval shares one across versions)
     "Run every example through `pipe` and return the per-example rows."
     pv = pipe.prompt
     keep = set(pv.variables) if len(pipe.task.inputs) == 1 else set(pipe.task.inputs)   # several: every input
     inputs = [{k: v for k, v in e.inputs.items() if k in keep} for e in ds.examples]
-    rs = _run_many(pipe, inputs, concurrency, progress, cache)
-    extra = [_run_many(pipe, inputs, concurrency, progress, False, desc=f"{pipe.task.name} {pv.name} repeat {i + 2}")
+    rs = _run_many(pipe, inputs, concurrency, progress, cache, pool=pool)
+    extra = [_run_many(pipe, inputs, concurrency, progress, False, desc=f"{pipe.task.name} {pv.name} repeat {i + 2}",
+                       pool=pool)
              for i in range(max(1, repeats) - 1)]
     rows = []
     for i, (e, r) in enumerate(zip(ds.examples, rs)):
@@ -404,7 +407,9 @@ def confusion_figure(cm:dict, title:str=""):
     "A heat map of a confusion matrix (rows: expected, columns: predicted)."
     from matplotlib.figure import Figure
     rows = list(cm); cols = [c for c in next(iter(cm.values()))] if cm else []
-    fig = Figure(figsize=(1.2 + 1.1 * len(cols), 1.0 + 0.9 * len(rows)), layout="constrained")
+    w, h = 1.2 + 1.1 * len(cols), 1.0 + 0.9 * len(rows)
+    fig = Figure(figsize=(w, h))      # margins in inches, set once: a layout engine would cost more than the drawing
+    fig.subplots_adjust(left=1.05 / w, right=1 - 0.15 / w, bottom=1.0 / h, top=1 - 0.35 / h)
     ax = fig.add_subplot()
     data = [[cm[r][c] for c in cols] for r in rows]
     ax.imshow(data, cmap="Blues")
@@ -419,7 +424,8 @@ def confusion_figure(cm:dict, title:str=""):
 def compare_figure(summary):
     "Versions side by side: accuracy against p95 latency and against cost per call."
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(9, 3.4), layout="constrained")
+    fig = Figure(figsize=(9, 3.4))
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.16, top=0.88, wspace=0.22)
     axes = fig.subplots(1, 2)
     for ax, col, xl in ((axes[0], "latency_p95_ms", "p95 latency (ms)"),
                         (axes[1], "cost_per_call_usd", "cost per call (USD)")):
@@ -462,6 +468,15 @@ def summary_frame(evals:dict):
     return df[[c for c in SUMMARY_COLUMNS if c in df.columns]]
 
 # %% ../nbs/16_evaluation.ipynb #c045
+FIGURES = ("confusion", "comparison")
+
+def eval_figures(s:Settings) -> tuple:
+    "The figures `[eval] figures` asks for, in order (`none`: no figures)."
+    fs = tuple(f for f in s.eval.figures if f != "none")
+    if bad := [f for f in fs if f not in FIGURES]:
+        raise ConfigError(f"[eval] figures: unknown {', '.join(bad)}", f"Use any of {', '.join(FIGURES)}, or none.")
+    return fs
+
 def _tracking_setup(s:Settings, t:Task, versions:list):
     client = mlflow_client(s)
     uri = tracking_uri(s)
@@ -470,9 +485,9 @@ def _tracking_setup(s:Settings, t:Task, versions:list):
     reg = {pv.number: register_version(client, prompt_name(t.name, s), pv, t, s) for pv in versions}
     return client, exp_id, reg
 
-def _start_run(setup, pv:PromptVersion, params:dict) -> str:
+def _start_run(setup:tuple, pv:PromptVersion, params:dict) -> str:
     from mlflow.entities import Param
-    client, exp_id, reg = setup.result()
+    client, exp_id, reg = setup
     rv = reg[pv.number]
     tags = {"promptsys.kind": "eval", "promptsys.task": pv.task, "promptsys.version": str(pv.number),
             "promptsys.hash": pv.hash, "promptsys.pid": str(os.getpid()), "promptsys.host": socket.gethostname(),
@@ -486,11 +501,24 @@ def _start_run(setup, pv:PromptVersion, params:dict) -> str:
     return rid
 
 # %% ../nbs/16_evaluation.ipynb #c046
-def _finish_run(setup, run_f, ev:VersionEval, ds:Dataset, labels:tuple):
+def figure_png(fig) -> bytes:
+    "A figure as PNG bytes: drawn where there is time, logged by the MLflow worker."
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+def _log_png(client, rid:str, png:bytes, name:str):
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / name).write_bytes(png)
+        client.log_artifact(rid, str(Path(d) / name))
+
+def _record_run(client, ev:VersionEval, ds:Dataset, labels:tuple, draw:bool):
+    "Log a version's metrics, examples table, labels report, dataset and (`draw`) its confusion figure; not its status."
     from mlflow.entities import Metric
     import pandas as pd
-    client = setup.result()[0]
-    rid = ev.run_id = run_f.result()
+    rid = ev.run_id
     ts = int(time.time() * 1000)
     metrics = [Metric(k, float(v), ts, 0) for k, v in ev.metrics.items() if v is not None and not isinstance(v, str)]
     metrics.append(Metric("n_skipped", float(len(ds.skipped)), ts, 0))
@@ -499,16 +527,16 @@ def _finish_run(setup, run_f, ev:VersionEval, ds:Dataset, labels:tuple):
     if "answers" in df: df["answers"] = df["answers"].map(lambda a: json.dumps(a))
     client.log_table(rid, df, "examples.json")
     if labels:
-        cm = ev.confusion
         exp, pred = [r["expected"] for r in ev.rows], [r["predicted"] for r in ev.rows]
-        client.log_dict(rid, {"confusion_matrix": cm, "labels": label_report(exp, pred, labels)}, "labels.json")
-        client.log_figure(rid, confusion_figure(cm, f"{ev.version.task} {ev.version.name}"), "confusion_matrix.png")
+        report = {"confusion_matrix": ev.confusion, "labels": label_report(exp, pred, labels)}
+        client.log_dict(rid, report, "labels.json")
     client.log_artifact(rid, str(ds.path), "dataset")
     _log_dataset_input(client, rid, ds)
     if ds.skipped:
         client.log_dict(rid, {"skipped": [dict(line=l, problem=p) for l, p in ds.skipped]}, "dataset/skipped.json")
-    client.set_terminated(rid, "FINISHED")
-    return rid
+    if labels and draw:
+        client.log_figure(rid, confusion_figure(ev.confusion, f"{ev.version.task} {ev.version.name}"),
+                          "confusion_matrix.png")
 
 # %% ../nbs/16_evaluation.ipynb #c047
 def _log_dataset_input(client, rid:str, ds:Dataset):
@@ -525,39 +553,70 @@ def _log_dataset_input(client, rid:str, ds:Dataset):
         client.log_inputs(rid, [DatasetInput(d._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "eval")])])
     except Exception as e: log.warning("could not log the dataset input: %s", e)
 
-def _end_runs(setup, run_fs:list, status:str):
+def _end_runs(client, rids:list, status:str):
     "Mark the runs that are still RUNNING as `status` (KILLED / FAILED)."
-    client = setup.result()[0]
-    for f in run_fs:
+    for rid in rids:
         try:
-            rid = f.result()
             if client.get_run(rid).info.status == "RUNNING": client.set_terminated(rid, status)
-        except Exception as e: log.warning("could not end run: %s", e)
+        except Exception as e: log.warning("could not end run %s: %s", rid, e)
 
-def _log_comparison(setup, run_fs:list, summary):
-    client = setup.result()[0]
-    fig = compare_figure(summary)
-    for f in run_fs: client.log_figure(f.result(), fig, "versions_comparison.png")
+def _log_comparison(client, evals:dict):
+    fig = compare_figure(summary_frame(evals))
+    for ev in evals.values(): client.log_figure(ev.run_id, fig, "versions_comparison.png")
 
 # %% ../nbs/16_evaluation.ipynb #c048
-def _setup_error(setup) -> PromptsysError|None:
-    "The background MLflow setup's failure, once it has failed (None: not failed, or not done yet)."
-    if setup is None or not setup.done() or not setup.exception(): return None
-    e = setup.exception()
-    return e if isinstance(e, PromptsysError) else TrackingError(f"MLflow setup failed: {type(e).__name__}: {e}")
+class _Abort(Exception): "The eval asked its tracking worker to stop."
 
-def _finish_tracking(bg, setup, evals:dict, run_fs:list, finish_fs:list):
-    "Wait for the queued MLflow work; the run ids go into `evals`, the comparison figure into every run."
+def _cpu_s() -> float:
+    "CPU seconds (user + system) this process has used so far."
+    t = os.times()
+    return t.user + t.system
+
+def _tracking_worker(recv, send, s:Settings, t:Task, vs:list, ds:Dataset, figures:tuple):
+    "The MLflow side of an eval: set up, then one message at a time — start / finish a version's run, abort, end."
+    client, rids, evals, status = None, {}, {}, "FAILED"
     try:
-        if err := _setup_error(setup): raise err
-        for f in run_fs + finish_fs: f.result()
-        for n, f in zip(evals, run_fs): evals[n].run_id = f.result()
-        bg.submit(_log_comparison, setup, run_fs, summary_frame(evals)).result()
-    except Exception as e:
-        bg.submit(_end_runs, setup, run_fs, "FAILED")
-        if isinstance(e, PromptsysError): raise
-        raise TrackingError(f"MLflow logging failed: {type(e).__name__}: {e}") from e
-    finally: bg.shutdown(wait=True)
+        t0 = time.time()
+        setup = _tracking_setup(s, t, vs)
+        client = setup[0]
+        send(("ready", time.time(), time.time() - t0))
+        cmp = None                                    # the comparison figure, logged to every run at the end
+        while (msg := recv())[0] != "end":
+            if msg[0] == "start": rids[msg[1].number] = _start_run(setup, msg[1], msg[2])
+            elif msg[0] == "finish":
+                ev = evals[msg[1].version.number] = msg[1]
+                ev.run_id = rids[ev.version.number]
+                _record_run(client, ev, ds, t.output.labels, msg[2] and "confusion" in figures)
+            elif msg[0] == "figure":                  # drawn by the eval process while this one was busy
+                if msg[1] is None: cmp = msg[3]
+                else: _log_png(client, rids[msg[1]], msg[3], msg[2])
+            elif msg[0] == "abort": status = msg[1]; raise _Abort()
+        if "comparison" in figures and evals:
+            if cmp is None: _log_comparison(client, evals)
+            else:
+                for rid in rids.values(): _log_png(client, rid, cmp, "versions_comparison.png")
+        for rid in rids.values(): client.set_terminated(rid, "FINISHED")    # last: a FINISHED run has everything
+        send(("done", rids, time.time(), _cpu_s()))
+        return
+    except (_Abort, EOFError): pass                   # EOFError: the eval process is gone (killed)
+    except BaseException as e:
+        err = e.to_dict() if isinstance(e, PromptsysError) else dict(
+            type="TrackingError", message=f"MLflow logging failed: {type(e).__name__}: {e}", hint=None)
+        try: send(("error", err))
+        except Exception: pass
+    if client is not None: _end_runs(client, list(rids.values()), status)
+    try: send(("ended",))
+    except Exception: pass
+
+def _worker_process(parent_end, conn, *args):
+    "A forked child's life: ignore Ctrl-C (the eval decides), work, flush, and leave without the slow shutdown."
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent_end.close()                                # so a dead eval process is an EOF here
+    try: _tracking_worker(conn.recv, conn.send, *args)
+    finally:
+        logging.shutdown()
+        os._exit(0)                                   # every write is committed: nothing left to wait for
 
 def _version() -> str:
     import promptsys
@@ -576,6 +635,102 @@ def _run_params(pipe, s:Settings, ds:Dataset, repeats:int, concurrency:int|None,
                 concurrency=conc, cache=cache, labels=",".join(t.output.labels), promptsys_version=_version(),
                 **({"calibration": t.config.get("calibration", {}).get("inputs", "content-free")}
                    if getattr(p, "decoding", "") == "calibrated" and t.output.kind == "label" else {}))
+
+# %% ../nbs/16_evaluation.ipynb #c048_tw
+import sys
+
+def _preload(figures:tuple):
+    "Import what the end of an eval needs (pandas; matplotlib for figures) in the background while calls still run."
+    import threading
+    def go():
+        import pandas
+        if figures: import matplotlib.figure, matplotlib.backends.backend_agg
+    threading.Thread(target=go, name="promptsys-preload", daemon=True).start()
+
+class TrackingWorker:
+    "An eval's MLflow worker: a forked child process when MLflow is not imported yet (its import, store set-up and "
+    "logging run beside the calls), else a thread."
+    def __init__(self, s:Settings, t:Task, vs:list, ds:Dataset, figures:tuple=FIGURES):
+        self.ready_at = self.setup_s = self.logged_at = self.worker_cpu_s = None
+        self.task, self.figures, self.undrawn = t, figures, []
+        args = (s, t, vs, ds, figures)
+        self.forked = hasattr(os, "fork") and "mlflow" not in sys.modules
+        if self.forked:
+            import gc, multiprocessing as mp
+            ctx = mp.get_context("fork")
+            self._conn, child = ctx.Pipe()
+            self.worker = ctx.Process(target=_worker_process, args=(self._conn, child, *args), name="promptsys-mlflow")
+            gc.freeze()                               # the child never collects (and finalises) the parent's objects
+            try: self.worker.start()
+            finally: gc.unfreeze()
+            child.close()
+            self._send, self._recv, self._poll = self._conn.send, self._conn.recv, self._conn.poll
+        else:
+            import queue, threading
+            inbox, outbox = queue.Queue(), queue.Queue()
+            self.worker = threading.Thread(target=_tracking_worker, args=(inbox.get, outbox.put, *args),
+                                           name="promptsys-mlflow", daemon=True)
+            self.worker.start()
+            self._send, self._recv, self._poll = inbox.put, outbox.get, lambda: not outbox.empty()
+
+    def _next(self):
+        try: msg = self._recv()
+        except (EOFError, OSError):
+            raise TrackingError("the MLflow worker process died before it finished (see its error above)") from None
+        if msg[0] == "ready": self.ready_at, self.setup_s = msg[1], msg[2]
+        elif msg[0] == "error":
+            self._wait("ended")
+            d = msg[1]
+            cls = getattr(sys.modules[PromptsysError.__module__], d["type"], TrackingError)
+            raise (cls if isinstance(cls, type) and issubclass(cls, PromptsysError) else TrackingError)(
+                d["message"], d.get("hint"))
+        return msg
+
+    def _wait(self, kind:str):
+        while True:
+            try: msg = self._recv()
+            except (EOFError, OSError): return None
+            if msg[0] == kind: return msg
+
+    def check(self):
+        "Raise the worker's error if it has failed (e.g. the store cannot be set up); never blocks."
+        while self._poll(): self._next()
+
+    def start(self, pv:PromptVersion, params:dict): self.check(); self._send(("start", pv, params))
+    def finish(self, ev:VersionEval, last:bool=False):
+        "Log `ev`'s run now; the worker draws its figure if set up and more calls follow, else `end` does."
+        self.check()
+        here = self.ready_at is None or last
+        self._send(("finish", ev, not here))
+        if here: self.undrawn.append(ev)
+        if not last and "pandas" not in sys.modules: _preload(self.figures)
+
+    def _draw_here(self, evals:dict):
+        "The figures the worker has no time for (still setting up, or logging the last run), drawn here as PNG."
+        if "confusion" in self.figures and self.task.output.labels:
+            for ev in self.undrawn:
+                fig = confusion_figure(ev.confusion, f"{ev.version.task} {ev.version.name}")
+                self._send(("figure", ev.version.number, "confusion_matrix.png", figure_png(fig)))
+        if "comparison" in self.figures and evals:
+            self._send(("figure", None, "versions_comparison.png", figure_png(compare_figure(summary_frame(evals)))))
+
+    def end(self, evals:dict) -> dict:
+        "Finish every run (figures, then FINISHED); {version: run id} once all is written."
+        try:
+            self.check()
+            self._draw_here(evals)
+            self._send(("end",))
+        except OSError: pass                          # the worker is gone: its error (or EOF) is read below
+        while (msg := self._next())[0] != "done": pass
+        self.logged_at, self.worker_cpu_s = msg[2], msg[3] if self.forked else None
+        self.worker.join()
+        return msg[1]
+
+    def abort(self, status:str):
+        "End the runs as `status` (KILLED / FAILED) and wait until they are."
+        try: self._send(("abort", status)); self._wait("ended")
+        except (OSError, ValueError): pass
+        self.worker.join(10)
 
 # %% ../nbs/16_evaluation.ipynb #c049_d68
 def judge_pipeline(t:Task, s:Settings, provider=None, cache:bool=True):
@@ -637,6 +792,7 @@ def evaluate(task:str|Task, # A task name or a loaded `Task`
     from concurrent.futures import ThreadPoolExecutor
     from promptsys.pipeline import Pipeline
     from promptsys.validation import check_number
+    phases = dict(start=time.time())
     s = load_settings(settings) if isinstance(settings, (str, Path)) else (settings or get_settings())
     t = task if isinstance(task, Task) else load_task(task, s.promptsys.prompts_dir)
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset or t.dataset or "", t, s.eval.bad_rows)
@@ -645,36 +801,37 @@ def evaluate(task:str|Task, # A task name or a loaded `Task`
     vs = [t.version(v) for v in (versions or list(t.versions))]
     repeats = max(1, repeats or s.eval.repeats)
     if track: check_tracking(tracking_uri(s))
-    jpipe = judge_pipeline(t, s, provider, cache) if t.scoring.judge and judge is not False else None
-    bg = ThreadPoolExecutor(1, thread_name_prefix="promptsys-mlflow") if track else None
-    setup = bg.submit(_tracking_setup, s, t, vs) if track else None
-    evals, run_fs, finish_fs, current = {}, [], [], None
+    tw = TrackingWorker(s, t, vs, ds, eval_figures(s)) if track else None     # from the first moment
+    evals, pool = {}, None
     try:
+        jpipe = judge_pipeline(t, s, provider, cache) if t.scoring.judge and judge is not False else None
         for pv in vs:
             pipe = Pipeline(t, pv.number, settings=s, provider=provider, cache=cache, mode="strict")
             params = _run_params(pipe, s, ds, repeats, concurrency, cache)
             if jpipe: params.update(judge_task=jpipe.task.name, judge_version=jpipe.prompt.number,
                                     judge_hash=jpipe.prompt.hash)
-            if track: current = bg.submit(_start_run, setup, pv, params)
-            rows = answer(pipe, ds, repeats, params["concurrency"], progress, cache)
+            if tw: tw.start(pv, params)
+            pool = pool or ThreadPoolExecutor(params["concurrency"], thread_name_prefix="promptsys-eval")  # one for all
+            rows = answer(pipe, ds, repeats, params["concurrency"], progress, cache, pool=pool)
             if jpipe: judge_rows(jpipe, ds, rows, params["concurrency"], progress, cache)
             evals[pv.number] = ev = VersionEval(pv, rows, score(rows, t.output.labels, scorers), params=params)
             if params.get("calibration") and hasattr(pipe.provider, "content_free_prior"):
                 prior = pipe.provider.content_free_prior(pipe._calibration(pv), t.output.labels)   # cached: no call
                 ev.metrics.update({f"calibration_prior_{_metric_name(l)}": p for l, p in prior.items()})
-            if track:
-                if err := _setup_error(setup): raise err
-                finish_fs.append(bg.submit(_finish_run, setup, current, ev, ds, t.output.labels))
-                run_fs.append(current); current = None
+            if tw: tw.finish(ev, last=pv is vs[-1])  # logged now, while the next version runs
+        phases["calls_done"] = time.time()
+        if pool: pool.shutdown(wait=True)
+        if tw:
+            for n, rid in tw.end(evals).items(): evals[n].run_id = rid
+        phases["logged"] = time.time()
     except BaseException as e:
-        if track:
-            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-            if current is not None and not _setup_error(setup): bg.submit(_end_runs, setup, [current], status)
-            bg.shutdown(wait=True)
+        if pool: pool.shutdown(wait=False, cancel_futures=True)
+        if tw: tw.abort("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
-    if track: _finish_tracking(bg, setup, evals, run_fs, finish_fs)
     summary = summary_frame(evals)
-    summary.attrs.update(task=t.name, dataset_hash=ds.hash, dataset=str(ds.path))
+    phases.update(tracking_ready=tw and tw.ready_at, tracking_setup_s=tw and tw.setup_s, summary=time.time(),
+                  cpu_s=_cpu_s(), worker_cpu_s=tw and tw.worker_cpu_s)
+    summary.attrs.update(task=t.name, dataset_hash=ds.hash, dataset=str(ds.path), phases=phases)
     return (summary, evals) if details else summary
 
 # %% ../nbs/16_evaluation.ipynb #c059

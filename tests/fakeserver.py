@@ -22,7 +22,9 @@ Endpoints
 * ``GET /health`` -> ``{"ok": true}``
 * ``GET /requests`` -> the last 100 model request bodies (``[{"path", "body"}]``; headers are never kept)
 * ``GET /stats`` -> ``{"total": N, "ok": n, "500": n, "503": n, "429": n,
-  "hang": n, "malformed": n, "reset": n, "401": n, "400": n, "config": {...}}``
+  "hang": n, "malformed": n, "reset": n, "401": n, "400": n, "config": {...},
+  "first_request_at": t, "last_response_at": t}`` (epoch seconds of the first model request's arrival and of
+  the last model answer sent since the last reset; null before any: benchmarks time phases with them)
 * ``POST /control`` with any subset of the config keys (``p500``, ``p503``,
   ``p429``, ``phang``, ``pmalformed``, ``preset``, ``retry_after``,
   ``hang_seconds``, ``delay_ms``, ``answer_mode``, ``answer``, ``seed``,
@@ -237,6 +239,7 @@ class State:
             "answer": args.answer, "garble_if_contains": None, "wrong_if_contains": None,
         })
         self.stats = dict.fromkeys(STAT_KEYS, 0)
+        self.first_at = self.last_at = None          # epoch seconds: first model request, last model answer
         self.recent = collections.deque(maxlen=100)   # the last request bodies (GET /requests), never headers
 
     @staticmethod
@@ -306,6 +309,7 @@ class State:
                 self.rng = random.Random(seed)
             if reset_stats:
                 self.stats = dict.fromkeys(STAT_KEYS, 0)
+                self.first_at = self.last_at = None
                 self.recent.clear()
         return self.public_config()
 
@@ -316,6 +320,8 @@ class State:
     def draw(self, cfg: dict) -> str:
         """Draw the outcome for one request and count it."""
         with self.lock:
+            if self.first_at is None:
+                self.first_at = time.time()
             u = self.rng.random()
             outcome = "ok"
             for name, c in zip(FAULT_OUTCOMES, cfg["_cum"]):
@@ -423,6 +429,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         elif path == "/stats":
             with STATE.lock:
                 s = dict(STATE.stats)
+                s.update(first_request_at=STATE.first_at, last_response_at=STATE.last_at)
             s["config"] = STATE.public_config()
             self._send(200, json.dumps(s).encode())
         elif path in ("/v1/chat/completions", "/chat/completions", "/v1/messages", "/control"):
@@ -576,6 +583,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                           "total_tokens": ptok + ctok},
             }
         self._send(200, json.dumps(resp).encode())
+        with st.lock:
+            st.last_at = time.time()
 
 
 class FakeServer(http.server.ThreadingHTTPServer):

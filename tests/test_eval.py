@@ -253,3 +253,69 @@ def test_ctrl_c_on_the_cli_marks_the_run_killed_and_the_rerun_resumes(env, tmp_p
     before = calls(url)
     pe.evaluate("sentiment", [2], settings=s, progress=False)
     assert calls(url) - before in (N - served, N - served + 1)   # at most the call in flight at Ctrl-C is asked again
+
+
+# -- durability (issue 8): the eval logs each version's run while the next one runs, in a child process ------------
+
+def _complete(client, run) -> bool:
+    "A run has everything an eval logs: its metrics, examples table, labels report and both figures."
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    return ("accuracy" in run.data.metrics and "f1_macro" in run.data.metrics
+            and {"examples.json", "labels.json", "confusion_matrix.png", "versions_comparison.png", "dataset"} <= arts)
+
+
+def _gone(pgid: int, timeout: float = 60) -> bool:
+    "Wait until every process of the group has exited (the MLflow worker outlives a killed eval briefly)."
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try: os.killpg(pgid, 0)
+        except ProcessLookupError: return True
+        time.sleep(0.05)
+    return False
+
+
+def _finished(db: Path) -> set:
+    import sqlite3
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try: return {r[0] for r in con.execute("SELECT run_uuid FROM runs WHERE status = 'FINISHED'")}
+    finally: con.close()
+
+
+def test_kill_9_at_any_moment_leaves_no_finished_run_incomplete(env, tmp_path):
+    "SIGKILL a real `promptsys eval` (3 versions) at moments spread over its life — and at the moment its first run "
+    "turns FINISHED; the eval process alone, or it and its MLflow worker together. No FINISHED run lacks anything, "
+    "and the next eval leaves no run RUNNING."
+    import signal
+    from tests.fakeserver import control
+    db = tmp_path / "mlflow.db"
+    ov = {**env["ov"], "mlflow.tracking_uri": f"sqlite:///{db}", "cache.enabled": "false", "eval.concurrency": "2"}
+    sets = [x for k, v in ov.items() for x in ("--set", f"{k}={v}")]
+    cmd = [sys.executable, "-m", "promptsys.cli", *sets, "eval", "sentiment", "--versions", "1,2,3"]
+    envp = {**os.environ, "PYTHONPATH": str(ROOT)}
+    control(env["url"], delay_ms=60)
+    try:
+        t0 = time.monotonic()
+        subprocess.run(cmd, cwd=tmp_path, env=envp, capture_output=True, check=True)
+        whole = time.monotonic() - t0                        # one eval from start to exit: the kills spread over it
+        for i, when in enumerate((0.3, 0.7, "first FINISHED", 0.95)):
+            before = _finished(db)
+            p = subprocess.Popen(cmd, cwd=tmp_path, env=envp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 start_new_session=True)
+            if isinstance(when, float): time.sleep(whole * when)
+            else:                                             # the moment a run of this eval is marked FINISHED
+                while not _finished(db) - before and p.poll() is None: time.sleep(0.005)
+            if i % 2: os.killpg(p.pid, signal.SIGKILL)        # the eval and its worker at once
+            else: os.kill(p.pid, signal.SIGKILL)              # the eval alone: its worker sees it gone
+            p.wait()
+            assert _gone(p.pid)
+    finally: control(env["url"], delay_ms=0)
+    s = load_settings(ROOT / "settings.ini", overrides=ov, env={})
+    client = registry.mlflow_client(s)
+    exp_id = client.get_experiment_by_name("t-sentiment").experiment_id
+    runs = client.search_runs([exp_id], max_results=1000)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert len(finished) >= 3 and all(_complete(client, r) for r in finished)
+    pe.evaluate("sentiment", [1], settings=s, progress=False, limit=2)     # the next start
+    left = [r.info.run_id for r in client.search_runs([exp_id], "attributes.status = 'RUNNING'")]
+    assert left == []
+    assert {r.info.status for r in client.search_runs([exp_id], max_results=1000)} <= {"FINISHED", "KILLED", "FAILED"}
