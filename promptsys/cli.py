@@ -176,9 +176,10 @@ def crash_log(e:BaseException, argv) -> Path:
 
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `promptsys` command."
+    program = argv is None                       # this process is the command: it may leave without the teardown
     argv = sys.argv[1:] if argv is None else argv
     a = parser().parse_args(argv)
-    a.program = argv is None                     # this process is the command: it may leave without the teardown
+    a.program = program
     try: return a.fn(a) or 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr); return 130

@@ -496,7 +496,10 @@ def _start_run(setup:tuple, pv:PromptVersion, params:dict) -> str:
     rid = run.info.run_id
     params = {**params, "prompt_uri": f"prompts:/{rv.name}/{rv.version}", "registry_version": rv.version}
     client.log_batch(rid, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-    try: client.link_prompt_version_to_run(rid, rv)
+    try:            # MLflow's own link_prompt_version_to_run looks the run up in the *global* tracking store, which
+        from mlflow.tracing.constant import TraceTagKey            # in a process with several stores (notebooks,
+        from mlflow.tracing.utils.prompt import update_linked_prompts_tag   # tests) may be another one: set the
+        client.set_tag(rid, TraceTagKey.LINKED_PROMPTS, update_linked_prompts_tag(None, [rv]))   # tag via our client
     except Exception as e: log.warning("could not link prompt %s to run %s: %s", rv.name, rid, e)
     return rid
 
