@@ -245,6 +245,15 @@ def _typed_sections(raw:dict, base:Path, sources:dict|None=None) -> dict[str, Se
     return sections
 
 # %% ../nbs/01_config.ipynb #c034
+def _check_together(sections:dict, sources:dict):
+    "Values that are fine alone but not together."
+    b = sections["breaker"]
+    if b["enabled"] and b["failure_threshold"] == 0 and b["failure_rate"] == 0:
+        src = sources.get("breaker.failure_threshold", "default")
+        raise ConfigError(f"bad value [breaker] failure_threshold = 0 (breaker.failure_threshold, from {src}): with "
+                          "failure_rate = 0 as well the breaker could never open",
+                          "Set failure_threshold to 1 or more, or failure_rate above 0, or enabled = false.")
+
 def load_settings(path:str|Path|None=None, # A settings file; default: see `find_settings_file`
                   overrides:dict|None=None, # {"section.key": value} applied last
                   env:dict|None=None # Environment to read PROMPTSYS_* from (default os.environ)
@@ -261,6 +270,7 @@ def load_settings(path:str|Path|None=None, # A settings file; default: see `find
     _read_overrides(overrides or {}, raw)
     sources = {}
     sections = _typed_sections(raw, base, sources)
+    _check_together(sections, sources)
     return Settings(sections, Path(path).resolve() if path else None, base, sources)
 
 # %% ../nbs/01_config.ipynb #c047

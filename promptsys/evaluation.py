@@ -674,7 +674,12 @@ class TrackingWorker:
             self.worker = threading.Thread(target=_tracking_worker, args=(inbox.get, outbox.put, *args),
                                            name="promptsys-mlflow", daemon=True)
             self.worker.start()
-            self._send, self._recv, self._poll = inbox.put, outbox.get, lambda: not outbox.empty()
+            def recv():                               # like a pipe's recv: EOFError once the thread is gone
+                while True:
+                    try: return outbox.get(timeout=0.2)
+                    except queue.Empty:
+                        if not self.worker.is_alive() and outbox.empty(): raise EOFError from None
+            self._send, self._recv, self._poll = inbox.put, recv, lambda: not outbox.empty()
 
     def _next(self):
         try: msg = self._recv()

@@ -102,12 +102,16 @@ def _add_consistency(out:dict, con, w:str, args:list, by:tuple):
     for r in con.execute(f"""SELECT {sel}COALESCE(input_hash, request_id) AS same, label, COUNT(*) FROM calls
             WHERE {w} AND label IS NOT NULL AND fallback = 0 GROUP BY {sel}same, label ORDER BY {sel}same""", args):
         cons.setdefault(tuple(r[:nk]), []).append(r[nk:])
+    _fold_consistency(out, cons)
+
+def _fold_consistency(out:dict, cons:dict):
+    "Per group, from its (input, label, calls) rows sorted by input: the share of calls agreeing with the majority."
     for k, lst in cons.items():
         agree = total = 0
         for _, g in groupby(lst, key=lambda x: x[0]):
             counts = [c for _, _, c in g]
             if sum(counts) >= 2: agree += max(counts); total += sum(counts)
-        out[k].update(consistency=_ratio(agree, total), consistency_calls=total)
+        if k in out: out[k].update(consistency=_ratio(agree, total), consistency_calls=total)
 
 # %% ../nbs/19_monitor.ipynb #c016_e1
 def _score_expected(output:str|None, expected:str) -> tuple[float, float, dict]:
@@ -272,12 +276,7 @@ def _rollup_consistency(out, con, since, until, task, by, limit:int):
             COALESCE(input_hash, request_id) AS same FROM calls WHERE {w} AND label IS NOT NULL AND fallback = 0
             ORDER BY ts DESC LIMIT ?) GROUP BY {ks}same, label ORDER BY {ks}same""", args + [int(limit)]):
         cons.setdefault(tuple(r[:nk]), []).append(r[nk:])
-    for k, lst in cons.items():
-        agree = total = 0
-        for _, g in groupby(lst, key=lambda x: x[0]):
-            counts = [c for _, _, c in g]
-            if sum(counts) >= 2: agree += max(counts); total += sum(counts)
-        if k in out: out[k].update(consistency=_ratio(agree, total), consistency_calls=total)
+    _fold_consistency(out, cons)
 
 def _aggregate_rollups(con, since, until, task, by, consistency_calls:int=10_000,
                        light:bool=False) -> dict[tuple, dict]:
