@@ -830,8 +830,8 @@ def dashboard_html(path:str|Path, # Where to write the page
         f"<pre>{e(_box(dashboard_lines(sm, alerts, plain=True)))}</pre>", f"<h2>Alerts</h2><ul>{al}</ul>",
         "<h2>Alerts delivered in the window</h2><table><tr><th>when</th><th>severity</th><th>key</th><th>message</th>"
         f"</tr>{log_}</table>", f"<h2>Per task and version</h2><pre>{e(breakdown_table(sm))}</pre>",
-        _logs_html(s, sm, stamp),
         *(rollout_html(j) for j in (running_rollouts(s, task) if rollouts else [])), imgs,
+        _logs_html(s, sm, stamp),                     # the details last: each version's "View logs" jumps here
         "</body></html>"])
     p = Path(path); p.parent.mkdir(parents=True, exist_ok=True); p.write_text(page, encoding="utf-8")
     return p

@@ -243,12 +243,13 @@ def _png_pixels(path):
 def test_html_page_renders_in_headless_chromium(traffic, tmp_path):
     import base64
     page = tmp_path / "report.html"
+    metrics.flush_pending(traffic["db"])            # this process's queued records, before another process reads
     cli(traffic["ov"], "dashboard", "--html", str(page))
     html = page.read_text(encoding="utf-8")
     imgs = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
     assert len(imgs) == 4
     for b in imgs: assert base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n"
-    assert f"Requests: {traffic['calls']}" in html
+    assert f"Requests: {traffic['calls']}" in html, re.findall(r"Requests: [0-9,]+", html)
     shot = tmp_path / "shot.png"
     cmd = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
