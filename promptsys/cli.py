@@ -664,7 +664,7 @@ COMMANDS["schedule"] = ("run the experiments notebooks with papermill (cron), th
 # %% ../nbs/21_cli.ipynb #c046_ci1
 def configure_ci(p):
     p.add_argument("--base", default="origin/main", help="the git ref to compare with (default origin/main)")
-    p.add_argument("--limit", type=number("[1, inf)"), help="evaluate on the first N rows of each dataset (speed)")
+    p.add_argument("--limit", type=whole(), help="evaluate on the first N rows of each dataset (speed)")
     p.add_argument("--strict", action="store_true", help="every changed version must pass, not only edited production")
     p.add_argument("--task", action="append", help="only this task (repeatable)")
     p.add_argument("--report", metavar="PATH", help="also write the Markdown report here (a pull-request comment)")
@@ -672,8 +672,7 @@ def configure_ci(p):
 def cmd_ci(a) -> int:
     "Check and evaluate the prompt versions a branch changes; exit 1 when one meant for production fails the gate."
     from promptsys.schedule import ci
-    limit = None if a.limit is None else int(a.limit)
-    res = ci(a.base, settings=settings_from_args(a), limit=limit, strict=a.strict, tasks=a.task)
+    res = ci(a.base, settings=settings_from_args(a), limit=a.limit, strict=a.strict, tasks=a.task)
     print(res["report"])
     if a.report:
         try: Path(output_path(a.report, "--report", (".md", ".txt"))).write_text(res["report"] + "\n", encoding="utf-8")
@@ -766,7 +765,7 @@ def configure_logs(p):
     p.add_argument("--version", type=int, help="only this version")
     p.add_argument("--errors", action="store_true", help="only failed calls (errors and fallbacks)")
     p.add_argument("--since", help="look back this far: 90s, 30m, 1h, 2d")
-    p.add_argument("--limit", type=int, default=50, help="at most this many calls, newest first (default 50)")
+    p.add_argument("--limit", type=whole(), default=50, help="at most this many calls, newest first (default 50)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
 def cmd_logs(a) -> int:
