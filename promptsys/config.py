@@ -69,16 +69,20 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                     tracing=("bool", False),
                     exact_max_calls=("int", 50000), consistency_calls=("int", 10000, "[1, inf)"),
                     prometheus=("bool", False), scrape_refresh_seconds=("float", 10.0, "(0, inf)"),
-                    output_max_chars=("int", 2000), retention_days=("float", 30.0),
+                    output_max_chars=("int", 2000), input_max_chars=("int", 2000), retention_days=("float", 30.0),
                     rollup_retention_days=("float", 400.0), prune_seconds=("float", 3600.0, "(0, inf)")),
     "alerts": dict(max_error_rate=("float", 0.05, "[0, 1]"), max_p95_latency_ms=("float", 5000.0, "(0, inf)"),
-                   min_accuracy=("float", 0.0, "[0, 1]"), budget_used=("float", 0.8, "[0, 1]"),
+                   min_accuracy=("float", 0.0, "[0, 1]"),
+                   min_live_quality=("float", 0.0, "[0, 1]"), budget_used=("float", 0.8, "[0, 1]"),
                    latency_trend=("float", 1.5, "(0, inf)"), dedup_seconds=("float", 3600.0),
                    webhook_url=("str", ""), window_hours=("float", 24.0, "(0, inf)")),
     "rollout": dict(steps=("list", "5,25,50,100"), min_calls=("int", 50, "[1, inf)"),
                     alpha=("float", 0.05, "(0, 1)"),
                     shadow_workers=("int", 2, "[1, inf)"), shadow_queue=("int", 64, "[1, inf)"),
                     check_seconds=("float", 10.0, "(0, inf)")),
+    "quality": dict(sample=("float", 0.0, "[0, 1]"), judge_sample=("float", 0.0, "[0, 1]"),
+                    workers=("int", 1, "[1, 16]"), queue=("int", 256, "[1, inf)"), min_scored=("int", 20, "[1, inf)"),
+                    watch_hours=("float", 1.0, "(0, inf)")),
 }
 FREE_SECTIONS = {"prices"}
 DEFAULT_RANGE = "[0, inf)"   # the range of a numeric key that declares none

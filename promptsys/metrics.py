@@ -16,11 +16,11 @@ log = logging.getLogger("promptsys.metrics")
 alerts_log = logging.getLogger("promptsys.alerts")
 
 # %% auto #0
-__all__ = ['log', 'alerts_log', 'COLUMNS', 'ROLLUP_VERSION', 'LAT_RATIO', 'LAT_MIN_MS', 'LAT_BUCKETS', 'LAT_UPPERS', 'MAX_QUEUE',
-           'LATENCY_BUCKETS_S', 'alert_callbacks', 'percentile', 'rollup_row_sums', 'connect', 'MetricsStore',
-           'prometheus_listener', 'prometheus_registry', 'metrics_store', 'db_path', 'flush_pending', 'prune',
-           'record_feedback', 'record_event', 'events', 'on_alert', 'Alert', 'fire', 'raise_alert', 'watch_budget',
-           'TraceSink']
+__all__ = ['log', 'alerts_log', 'COLUMNS', 'QUALITY_COLUMNS', 'ROLLUP_VERSION', 'LAT_RATIO', 'LAT_MIN_MS', 'LAT_BUCKETS',
+           'LAT_UPPERS', 'MAX_QUEUE', 'LATENCY_BUCKETS_S', 'alert_callbacks', 'percentile', 'rollup_row_sums',
+           'connect', 'MetricsStore', 'prometheus_listener', 'prometheus_registry', 'metrics_store', 'db_path',
+           'flush_pending', 'prune', 'record_feedback', 'record_event', 'events', 'on_alert', 'Alert', 'fire',
+           'raise_alert', 'watch_budget', 'TraceSink']
 
 # %% ../nbs/14_metrics.ipynb #c006
 def percentile(xs:list, # Numbers in any order (None values are skipped)
@@ -39,14 +39,17 @@ def percentile(xs:list, # Numbers in any order (None values are skipped)
 # %% ../nbs/14_metrics.ipynb #c012
 COLUMNS = ("ts", "request_id", "task", "version", "prompt_hash", "model", "provider", "endpoint", "latency_ms",
            "success", "error_type", "input_chars", "tokens_in", "tokens_out", "cost_usd", "cache_hit", "retries",
-           "fallback", "fallback_reason", "output_valid", "label", "input_hash", "role", "output")
+           "fallback", "fallback_reason", "output_valid", "label", "input_hash", "role", "output", "inputs")
+# a live answer's quality score (`pipeline.LiveQuality`): records with kind="quality" go to their own table
+QUALITY_COLUMNS = ("ts", "request_id", "task", "version", "role", "score", "valid", "checks_passed", "checks_total",
+                   "judge", "failed")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (id INTEGER PRIMARY KEY, ts REAL NOT NULL, request_id TEXT, task TEXT,
   version INTEGER, prompt_hash TEXT, model TEXT, provider TEXT, endpoint TEXT, latency_ms REAL, success INTEGER,
   error_type TEXT, input_chars INTEGER, tokens_in INTEGER, tokens_out INTEGER, cost_usd REAL, cache_hit INTEGER,
   retries INTEGER, fallback INTEGER, fallback_reason TEXT, output_valid INTEGER, label TEXT, input_hash TEXT,
-  role TEXT, output TEXT);
+  role TEXT, output TEXT, inputs TEXT);
 CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts);
 CREATE INDEX IF NOT EXISTS calls_task_ts ON calls(task, version, ts);
 CREATE INDEX IF NOT EXISTS calls_request ON calls(request_id);
@@ -61,10 +64,16 @@ CREATE TABLE IF NOT EXISTS alert_log (id INTEGER PRIMARY KEY, ts REAL NOT NULL, 
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, task TEXT,
   details TEXT);
 CREATE INDEX IF NOT EXISTS events_kind_ts ON events(kind, ts);
+CREATE TABLE IF NOT EXISTS quality (id INTEGER PRIMARY KEY, ts REAL NOT NULL, request_id TEXT, task TEXT,
+  version INTEGER, role TEXT, score REAL, valid INTEGER, checks_passed INTEGER, checks_total INTEGER, judge REAL,
+  failed TEXT);
+CREATE INDEX IF NOT EXISTS quality_task_ts ON quality(task, version, ts);
+CREATE INDEX IF NOT EXISTS quality_ts ON quality(ts);
 """
 _INSERT = f"INSERT INTO calls ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 # columns added after the first release: a database made before them gets them on its next connect
-_ADDED = {"role": "TEXT", "output": "TEXT"}
+_ADDED = {"role": "TEXT", "output": "TEXT", "inputs": "TEXT"}
+_INSERT_QUALITY = f"INSERT INTO quality ({', '.join(QUALITY_COLUMNS)}) VALUES ({', '.join('?' * len(QUALITY_COLUMNS))})"
 _ADDED_FEEDBACK = {"expected": "TEXT"}
 
 # %% ../nbs/14_metrics.ipynb #c013_771
@@ -201,6 +210,7 @@ class MetricsStore:
         self.written = self.dropped = 0
         self.listeners: list = []     # callables(list of records) called by the writer after each committed batch
         self.max_output_chars = 0       # cap on a record's `output` (0: none); `metrics_store` sets it from settings
+        self.max_input_chars = 0        # ... and on its logged `inputs`
         self.retention: dict|None = None  # `prune` arguments the writer applies every `every` seconds (None: never)
         self._pruned_at = time.time()   # the first prune comes `every` seconds after the store starts
         self._init_state()
@@ -256,11 +266,12 @@ def _run(self:MetricsStore, stop:threading.Event):
             while len(self._q) > MAX_QUEUE: self._q.popleft(); self.dropped += 1
 
 # %% ../nbs/14_metrics.ipynb #c026_cap1
-def _cap_outputs(batch:list, cap:int):
-    "Cut every record's `output` longer than `cap` characters (saying how much was cut)."
+def _cap_outputs(batch:list, cap:int, key:str="output"):
+    "Cut every record's `key` (its output, or its logged inputs) longer than `cap` characters (saying how much)."
     for r in batch:
-        o = r.get("output")
-        if isinstance(o, str) and len(o) > cap: r["output"] = f"{o[:cap]}…[{len(o) - cap:,} more chars]"
+        o = r.get(key)
+        if isinstance(o, str) and len(o) > cap: r[key] = f"{o[:cap]}…[{len(o) - cap:,} more chars]"
+
 
 # %% ../nbs/14_metrics.ipynb #c027
 @patch
@@ -275,31 +286,40 @@ def _drain(self:MetricsStore) -> int:
             except IndexError: pass
             self._inflight = len(batch)
             if self.max_output_chars: _cap_outputs(batch, self.max_output_chars)
+            if self.max_input_chars: _cap_outputs(batch, self.max_input_chars, "inputs")
+            calls = [r for r in batch if r.get("kind") != "quality"]
+            scores = ([tuple(map(r.get, QUALITY_COLUMNS)) for r in batch if r.get("kind") == "quality"]
+                      if len(calls) < len(batch) else [])
+            extra = (scores,) if scores else ()      # quality scores, when the batch holds any
             try:
                 if self._con is None: self._con = connect(self.path)
-                try: self._write([tuple(map(r.get, COLUMNS)) for r in batch])      # fast path: plain values
+                try: self._write([tuple(map(r.get, COLUMNS)) for r in calls], *extra)      # fast path: plain values
                 except (sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.IntegrityError):
                     now = time.time()                                            # a structured value, or no ts
                     self._write([tuple(_cell(r.get(c)) if c != "ts" else (r.get("ts") or now) for c in COLUMNS)
-                                 for r in batch])
+                                 for r in calls], *extra)
             except BaseException:
                 q.extendleft(reversed(batch)); raise
             finally: self._inflight = 0
             n += len(batch)
             for fn in self.listeners:
-                try: fn(batch)
+                try: fn(calls)
                 except Exception as e: log.warning("metrics listener %r failed: %s", fn, redact(str(e)))
     self.written += n
     return n
 
 # %% ../nbs/14_metrics.ipynb #c028
 @patch
-def _write(self:MetricsStore, rows:list):
-    "Insert `rows` in one transaction."
+def _write(self:MetricsStore, rows:list, scores:list=()):
+    "Insert call `rows` (and quality `scores`) in one transaction."
     con = self._con
     con.execute("BEGIN IMMEDIATE")
-    try: con.executemany(_INSERT, rows); con.execute("COMMIT")
+    try:
+        con.executemany(_INSERT, rows)
+        if scores: con.executemany(_INSERT_QUALITY, scores)
+        con.execute("COMMIT")
     except BaseException: con.execute("ROLLBACK"); raise
+
 
 # %% ../nbs/14_metrics.ipynb #c029
 @patch
@@ -400,6 +420,7 @@ def metrics_store(settings:Settings|str|Path|None=None) -> MetricsStore:
                     st.listeners.append(TraceSink(s))
                 if s.monitor.prometheus: st.listeners.append(prometheus_listener)
                 st.max_output_chars = s.monitor.output_max_chars
+                st.max_input_chars = s.monitor.input_max_chars
                 if s.monitor.retention_days > 0 or s.monitor.rollup_retention_days > 0:
                     st.retention = dict(calls_days=s.monitor.retention_days, every=s.monitor.prune_seconds,
                                         rollup_days=s.monitor.rollup_retention_days)
@@ -440,12 +461,13 @@ def prune(db:str|Path, # A metrics database file
           now:float|None=None) -> dict:
     "Delete what is older than the retention, in short transactions; returns the rows deleted per kind and seconds."
     t, now = time.perf_counter(), time.time() if now is None else now
-    con = connect(db); out = dict(calls=0, feedback=0, rollup=0, other=0)
+    con = connect(db); out = dict(calls=0, feedback=0, quality=0, rollup=0, other=0)
     try:
         if calls_days > 0:
             cut = now - calls_days * 86400
             out["calls"] = _delete_chunked(con, "calls", "ts < ?", [cut], chunk)
             out["feedback"] = _delete_chunked(con, "feedback", "ts < ?", [cut], chunk)
+            out["quality"] = _delete_chunked(con, "quality", "ts < ?", [cut], chunk)
         if rollup_days > 0:
             cut = now - rollup_days * 86400
             for table, col, unit in (("rollup", "minute", 60), ("rollup_lat", "minute", 60),

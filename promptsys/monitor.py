@@ -19,7 +19,8 @@ log = logging.getLogger("promptsys.monitor")
 __all__ = ['log', 'MIN_CALLS', 'MIN_FEEDBACK', 'RULES', 'LOG_COLUMNS', 'rollup_calls', 'summary', 'timeseries', 'figures',
            'budget_status', 'evaluate_alerts', 'check_alerts', 'fired_alerts', 'dashboard_lines', 'breakdown_table',
            'running_rollouts', 'rollout_html', 'shown_alerts', 'dashboard_text', 'parse_since', 'call_log', 'logs_text',
-           'dashboard_html', 'MonitorCollector', 'prometheus_text', 'serve_metrics', 'alerts_text']
+           'dashboard_html', 'MonitorCollector', 'prometheus_text', 'serve_metrics', 'alerts_text',
+           'live_quality_change']
 
 # %% ../nbs/19_monitor.ipynb #c008
 def _settings(settings) -> Settings:
@@ -144,6 +145,20 @@ def _add_expected(out:dict, rows, nk:int):
         g.update(feedback_labels=nl + n, accuracy=(good + exact) / (nl + n), feedback_expected=n,
                  feedback_quality=quality / n, field_accuracy={f: sum(v) / len(v) for f, v in sorted(fields.items())})
 
+
+# %% ../nbs/19_monitor.ipynb #c016_lq2
+def _add_live(out:dict, con, since:float, until:float, task:str|None, by:tuple):
+    "Each group's live quality: its scored answers, their mean score, checks passed and judge rating."
+    sel, grp = _group_sql(by); nk = len(by)
+    w, args = _where(since, until, task)
+    for r in con.execute(f"""SELECT {sel}COUNT(*), AVG(score), SUM(checks_passed), SUM(checks_total), COUNT(judge),
+            AVG(judge) FROM quality WHERE {w}{grp}""", args):
+        k, (n, q, cp, ct, nj, j) = tuple(r[:nk]), r[nk:]
+        if k in out and n: out[k].update(live_scored=n, live_quality=q, live_checks=_ratio(cp, ct), live_judged=nj,
+                                         live_judge=j)
+    for g in out.values():
+        for key, v in (("live_scored", 0), ("live_quality", None), ("live_checks", None), ("live_judged", 0),
+                       ("live_judge", None)): g.setdefault(key, v)
 
 # %% ../nbs/19_monitor.ipynb #c017_342
 _PRIM = ("n", "ok", "err", "fb", "retried", "retries", "hits", "lat_sum", "lat_n", "cost", "tin", "tout")
@@ -309,6 +324,7 @@ def _aggregate(con, since:float, until:float, task:str|None, by:tuple,
             _add_latencies(out, con, w, args, by); _add_error_types(out, con, w, args, by)
             if not light: _add_feedback(out, con, since, until, task, by); _add_consistency(out, con, w, args, by)
     if out: _add_throughput(out, con, since, until, task, by)
+    if out and not light: _add_live(out, con, since, until, task, by)
     return out
 
 # %% ../nbs/19_monitor.ipynb #c017_t1
@@ -358,7 +374,8 @@ def _empty() -> dict:
                 latency_p95_ms=None, latency_p99_ms=None, cost_usd=0.0, cost_per_call_usd=None, tokens_in=0,
                 tokens_out=0, first_ts=None, last_ts=None, error_types={}, feedback_labels=0, accuracy=None,
                 feedback_scores=0, satisfaction=None, consistency=None, consistency_calls=0,
-                throughput_rps=None, peak_rps=None, feedback_expected=0, feedback_quality=None, field_accuracy={})
+                throughput_rps=None, peak_rps=None, feedback_expected=0, feedback_quality=None, field_accuracy={},
+                live_scored=0, live_quality=None, live_checks=None, live_judged=0, live_judge=None)
 
 # %% ../nbs/19_monitor.ipynb #c027
 def _auto_bucket(hours:float) -> float:
@@ -461,7 +478,7 @@ def _ms(x): return "n/a" if x is None else (f"{x / 1000:.2f}s" if x >= 1000 else
 def _rps(x): return "n/a" if x is None else f"{x:,.2f} req/s"
 
 # %% ../nbs/19_monitor.ipynb #c041
-def _rule_alerts(g:dict, a) -> list[Alert]:
+def _rule_alerts(g:dict, a, min_scored:int=20) -> list[Alert]:
     "The error-rate, p95-latency and accuracy rules on one task/version group (`a`: the `[alerts]` settings)."
     n, name, v = g["requests"], g["task"], g["version"]
     where, common, out = f"{name} v{v}", dict(task=name, version=v), []
@@ -479,6 +496,11 @@ def _rule_alerts(g:dict, a) -> list[Alert]:
         out.append(Alert(f"accuracy:{name}:v{v}", f"{where}: accuracy {_pct(g['accuracy'])} < {_pct(a.min_accuracy)} "
                          f"(from {g['feedback_labels']} labelled feedbacks)", "critical", g["accuracy"],
                          a.min_accuracy, **common))
+    lq = g.get("live_quality")
+    if a.min_live_quality > 0 and g.get("live_scored", 0) >= min_scored and lq < a.min_live_quality:
+        out.append(Alert(f"live_quality:{name}:v{v}", f"{where}: live quality {lq:.2f} < {a.min_live_quality:.2f} "
+                         f"(from {g['live_scored']} sampled live answers)", "critical", lq, a.min_live_quality,
+                         **common))
     return out
 
 # %% ../nbs/19_monitor.ipynb #c046
@@ -539,7 +561,7 @@ def evaluate_alerts(settings:Settings|str|Path|None=None, hours:float|None=None,
     out: list[Alert] = []
     for g in sm["groups"]:
         if g["requests"] < min_calls: continue
-        out += _rule_alerts(g, a)
+        out += _rule_alerts(g, a, s.quality.min_scored)
         k = (g["task"], g["version"])
         if trend := _trend_alert(recent.get(k), earlier.get(k), a, min_calls): out.append(trend)
     if a.budget_used > 0: out += _budget_alerts(s, sorted({g["task"] for g in sm["groups"] if g["task"]}))
@@ -612,6 +634,8 @@ def dashboard_lines(sm:dict, alerts:list[Alert], plain:bool=False) -> list[str]:
     if o.get("throughput_rps") is not None: items.insert(1, f"Throughput: {_rps(o['throughput_rps'])}")
     if o["satisfaction"] is not None:
         items.append(f"Satisfaction: {o['satisfaction']:.2f} ({o['feedback_scores']:,} scores)")
+    if o.get("live_scored"):
+        items.append(f"Live quality: {o['live_quality']:.2f} ({o['live_scored']:,} sampled)")
     items.append(f"Cost: {_money(o['cost_usd'])}")
     title = "Production Prompt System Dashboard" + (f" — {sm['task']}" if sm.get("task") else "")
     crit, warning = ("✖", "⚠") if plain else ("🔴", "⚠️")
@@ -622,13 +646,14 @@ def dashboard_lines(sm:dict, alerts:list[Alert], plain:bool=False) -> list[str]:
 def breakdown_table(sm:dict) -> str:
     "Per task and version: the window's metrics as a text table."
     cols = ["task", "ver", "requests", "req/s", "peak/s", "success", "p50", "p95", "p99", "fallback", "retry", "cache",
-            "cost", "$/call", "accuracy", "satisf.", "consist."]
+            "cost", "$/call", "accuracy", "satisf.", "consist.", "live q."]
     num = lambda x: "n/a" if x is None else f"{x:,.2f}"
     rows = [[g["task"], f"v{g['version']}", f"{g['requests']:,}", num(g.get("throughput_rps")), num(g.get("peak_rps")),
              _pct(g["success_rate"]), _ms(g["latency_p50_ms"]),
              _ms(g["latency_p95_ms"]), _ms(g["latency_p99_ms"]), _pct(g["fallback_rate"]), _pct(g["retry_rate"]),
              _pct(g["cache_hit_rate"]), _money(g["cost_usd"]), f"${g['cost_per_call_usd']:.6f}", _pct(g["accuracy"]),
-             "n/a" if g["satisfaction"] is None else f"{g['satisfaction']:.2f}", _pct(g["consistency"])]
+             "n/a" if g["satisfaction"] is None else f"{g['satisfaction']:.2f}", _pct(g["consistency"]),
+             "n/a" if g.get("live_quality") is None else f"{g['live_quality']:.2f}"]
             for g in sm["groups"]]
     if not rows: return "(no calls in the window)"
     w = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
@@ -689,7 +714,7 @@ def dashboard_text(settings:Settings|str|Path|None=None, hours:float|None=None, 
 
 # %% ../nbs/19_monitor.ipynb #c081_l1
 LOG_COLUMNS = ("ts", "request_id", "task", "version", "role", "model", "latency_ms", "success", "fallback",
-               "error_type", "cache_hit", "retries", "cost_usd", "output")
+               "error_type", "cache_hit", "retries", "cost_usd", "output", "inputs")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def parse_since(since:str|float|int|None) -> float|None:
@@ -711,7 +736,7 @@ def call_log(settings:Settings|str|Path|None=None,
              since:str|float|None=None, # Look-back: '1h', '30m', '2d' or seconds
              limit:int=50, # At most this many calls, newest first
              now:float|None=None) -> list[dict]:
-    "Calls from the metrics store, newest first, with the feedback recorded on each."
+    "Calls from the metrics store, newest first, with the feedback on each and its live quality score if sampled."
     if not isinstance(limit, int) or limit < 1:
         raise InputValidationError(f"limit must be a positive whole number, not {limit!r}", "Pass e.g. --limit 50.")
     secs = parse_since(since)
@@ -727,17 +752,22 @@ def call_log(settings:Settings|str|Path|None=None,
             f"SELECT {', '.join(LOG_COLUMNS)} FROM calls WHERE {' AND '.join(w)} ORDER BY ts DESC, id DESC LIMIT ?",
             [*args, limit])]
         ids = sorted({r["request_id"] for r in rows if r["request_id"]})
-        fb: dict[str, list] = {}
+        fb: dict[str, list] = {}; qual: dict[tuple, dict] = {}
         for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
+            chunk = ids[i:i + 500]; marks = ', '.join('?' * len(chunk))
             for rid, ts, score, label, note in con.execute(
                     f"SELECT request_id, ts, score, correct_label, note FROM feedback WHERE request_id IN "
-                    f"({', '.join('?' * len(chunk))}) ORDER BY ts", chunk):
+                    f"({marks}) ORDER BY ts", chunk):
                 fb.setdefault(rid, []).append(dict(ts=ts, score=score, correct_label=label, note=note))
+            for rid, v, role, score, judge, failed in con.execute(
+                    "SELECT request_id, version, role, score, judge, failed FROM quality "
+                    f"WHERE request_id IN ({marks})", chunk):
+                qual[(rid, v, role)] = dict(score=score, judge=judge, failed=failed)
     finally: con.close()
     for r in rows:
         r["success"], r["fallback"], r["cache_hit"] = bool(r["success"]), bool(r["fallback"]), bool(r["cache_hit"])
         r["feedback"] = fb.get(r["request_id"], [])
+        r["quality"] = qual.get((r["request_id"], r["version"], r["role"]))
     return rows
 
 
@@ -756,7 +786,12 @@ def logs_text(rows:list[dict], # From `call_log`
     if detail:
         out = []
         for r in rows:
-            out += [f"{k:>11}: {stamp(r[k]) + ' UTC' if k == 'ts' else r[k]}" for k in LOG_COLUMNS]
+            out += [f"{k:>11}: {stamp(r[k]) + ' UTC' if k == 'ts' else r[k]}" for k in LOG_COLUMNS
+                    if k != "inputs" or r[k] is not None]
+            if q := r.get("quality"):
+                judged = f" (judge {q['judge']:.2f})" if q["judge"] is not None else ""
+                failed = f", failed: {q['failed']}" if q["failed"] else ""
+                out.append(f"    quality: {q['score']:.2f}{judged}{failed}")
             kinds = ("score", "correct_label", "note")
             out += [f"   feedback: {stamp(f['ts'])} " + ", ".join(f"{k}={f[k]}" for k in kinds if f[k] is not None)
                     for f in r["feedback"]]
@@ -857,7 +892,7 @@ def _total_families(s:Settings) -> list:
 # %% ../nbs/19_monitor.ipynb #c084
 _GAUGES = ("requests", "success_rate", "error_rate", "fallback_rate", "retry_rate", "cache_hit_rate", "cost_usd",
            "cost_per_call_usd", "accuracy", "satisfaction", "consistency", "throughput_rps", "peak_rps",
-           "feedback_quality")
+           "feedback_quality", "live_quality")
 
 def _window_families(s:Settings, sm:dict) -> list:
     "The window gauges of a `summary`, its exact latency quantiles, and the alert rules raised now."
@@ -945,3 +980,27 @@ def alerts_text(alerts:list[Alert], # From `check_alerts`, or from `evaluate_ale
     lines = [f"{'raised' if dry_run else ('fired' if al.fired else 'deduplicated'):12} {al.key:32} {al}"
              for al in alerts]
     return "\n".join(lines) or "✓ All systems normal"
+
+# %% ../nbs/19_monitor.ipynb #c088_lq2
+def live_quality_change(settings:Settings|str|Path|None=None,
+                        task:str="", version:int=0,
+                        hours:float|None=None, # The window (default `[alerts] window_hours`)
+                        now:float|None=None) -> dict:
+    "A version's live quality over the last `[quality] watch_hours` against the rest of the window, and the drop."
+    s = _settings(settings); q = s.quality
+    since, until, _ = _window(s, hours, now)
+    split = max(since, until - q.watch_hours * 3600)
+    p = db_path(s)
+    if not p.is_file():                                  # nothing recorded on this host: nothing to compare
+        return dict(task=task, version=version, scored_now=0, live_quality_now=None, scored_before=0,
+                    live_quality_before=None, drop=None)
+    flush_pending(p); con = connect(p)
+    try:
+        def mean(a, b):
+            return con.execute("SELECT COUNT(*), AVG(score) FROM quality WHERE task = ? AND version = ? AND ts > ? "
+                               "AND ts <= ? AND role IS NOT 'shadow'", [task, version, a, b]).fetchone()
+        (n_now, now_q), (n_before, before_q) = mean(split, until), mean(since, split)
+    finally: con.close()
+    enough = n_now >= q.min_scored and n_before >= q.min_scored
+    return dict(task=task, version=version, scored_now=n_now, live_quality_now=now_q, scored_before=n_before,
+                live_quality_before=before_q, drop=(before_q - now_q) if enough else None)

@@ -4,14 +4,14 @@
 
 # %% ../nbs/15_pipeline.ipynb #c003
 from __future__ import annotations
-import hashlib, json, logging, os, queue, time, threading
+import hashlib, json, logging, os, queue, re, time, threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from fastcore.basics import patch
 from .errors import (PromptsysError, ConfigError, InputValidationError, OutputValidationError, ProviderError,
                               BudgetExceeded, PromptNotFound, redact)
 from .config import Settings, get_settings, load_settings
-from .prompts import Task, PromptVersion, load_task
+from .prompts import Task, PromptVersion, load_task, answer_text
 from .validation import validate_input, validate_inputs, parse_output
 from .providers import Request, Completion, Provider, make_provider
 from .cache import cache_key
@@ -23,8 +23,9 @@ from .balance import Target, Group
 log = logging.getLogger("promptsys.pipeline")
 
 # %% auto #0
-__all__ = ['log', 'records_log', 'CONTENT_FREE', 'MAX_CALIBRATION_INPUTS', 'Result', 'JSONLSink', 'Pipeline', 'LiveEvents',
-           'Bound', 'Routes', 'route_bucket', 'ShadowQueue', 'calibration_inputs']
+__all__ = ['log', 'records_log', 'SECRET_SHAPES', 'CONTENT_FREE', 'MAX_CALIBRATION_INPUTS', 'Result', 'JSONLSink',
+           'judge_pipeline', 'LiveQuality', 'live_quality', 'Pipeline', 'LiveEvents', 'Bound', 'Routes', 'route_bucket',
+           'ShadowQueue', 'logged_inputs', 'calibration_inputs']
 
 # %% ../nbs/15_pipeline.ipynb #c007
 @dataclass(slots=True)
@@ -92,6 +93,51 @@ class JSONLSink:
         line = json.dumps(rec, separators=(",", ":")) + "\n"
         with self._lock, open(self.path, "a", encoding="utf-8") as f: f.write(line)
 
+# %% ../nbs/15_pipeline.ipynb #c017_q2
+def judge_pipeline(t:Task, s:Settings, provider=None, cache:bool=True) -> "Pipeline":
+    "The pipeline of `t`'s judge (`[scoring.judge]`): its task at its `version` (a number, latest or an alias)."
+    j = t.scoring.judge
+    jt = load_task(j["task"], s.promptsys.prompts_dir)
+    if jt.output.kind != "json" or not jt.output.schema:
+        raise ConfigError(f"{t.name}'s judge {jt.name} must be a json task with a schema (its answer holds the rating)")
+    fld = j.get("field", jt.output.field)
+    prop = jt.output.json_schema.get("properties", {}).get(fld, {})
+    if "minimum" not in prop or "maximum" not in prop:
+        raise ConfigError(f"{jt.name}: its schema's {fld!r} needs a minimum and a maximum (the rating's scale)")
+    sources = {"answer", "reference", *t.inputs}
+    mapping = j.get("inputs") or {k: k for k in jt.inputs if k in sources}
+    if bad := {k: v for k, v in mapping.items() if v not in sources or k not in jt.inputs}:
+        raise ConfigError(f"{t.name}: [scoring.judge] inputs {bad} — each judge input "
+                          f"({', '.join(jt.inputs)}) takes one of {', '.join(sorted(sources))}")
+    if missing := [k for k, spec in jt.inputs.items() if k not in mapping and spec.required]:
+        raise ConfigError(f"{t.name}: [scoring.judge] gives the judge no {', '.join(missing)}",
+                          "Map it in [scoring.judge] inputs, e.g. inputs = { summary = \"answer\" }.")
+    pipe = Pipeline(jt, j.get("version", "latest"), settings=s, provider=provider, cache=cache, mode="strict")
+    pipe.judge_scale = (fld, float(prop["minimum"]), float(prop["maximum"]), mapping)
+    return pipe
+
+class LiveQuality:
+    "Scores a sample of a pipeline's live answers in the background (validity, the task's checks, its judge)."
+    def __init__(self, pipe:"Pipeline", sample:float, judge_sample:float, sink, provider=None):
+        self.pipe, self.sample, self.judge_sample, self.sink = pipe, sample, judge_sample, sink
+        self._provider = provider
+        self.queue: "ShadowQueue|None" = None      # made at the first sampled call
+        self.scored = self.judged = self.judge_errors = 0
+        self._judge, self._judge_note, self._lock = None, "", threading.Lock()
+    def __repr__(self):
+        return (f"LiveQuality({self.pipe.task.name}, sample={self.sample:g}, judge_sample={self.judge_sample:g}, "
+                f"scored={self.scored})")
+
+def live_quality(pipe:"Pipeline", provider=None) -> LiveQuality|None:
+    "The pipeline's scorer: its task's shares, else `[quality]`'s; None when both are 0 or the monitor is off."
+    s, tq = pipe.settings, pipe.task.quality
+    if not s.monitor.enabled: return None
+    sample = s.quality.sample if tq.sample is None else tq.sample
+    judge = (s.quality.judge_sample if tq.judge_sample is None else tq.judge_sample) if pipe.task.scoring.judge else 0.0
+    if max(sample, judge) <= 0: return None
+    from promptsys.metrics import metrics_store
+    return LiveQuality(pipe, float(sample), float(judge), metrics_store(s), provider)
+
 # %% ../nbs/15_pipeline.ipynb #c019
 class Pipeline:
     "A task's prompt version (or a live alias) bound to models, reliability layers, cache and records."
@@ -133,6 +179,8 @@ class Pipeline:
         self._cascade = bool(s.model.cascade)
         self._shadows = None                             # the ShadowQueue, made when a rollout first shadows
         self._route = self._bind(self.live.current if self.live else None)
+        self.live_quality = live_quality(self, provider)   # scores a sample of live answers (None: off)
+        self._log_inputs = tuple(map(re.compile, self.task.log_redact)) if self.task.log_inputs else None
 
     @property
     def provider(self) -> Provider: return self.groups[0].targets[0].provider
@@ -369,6 +417,82 @@ def shadow_stats(self:Pipeline) -> dict:
     "The shadow queue's counters ({} before any shadowing)."
     return self._shadows.stats() if self._shadows is not None else {}
 
+# %% ../nbs/15_pipeline.ipynb #c027_q3
+@patch
+def offer(self:LiveQuality, r:Result, variables:dict|None=None) -> bool:
+    "Queue `r` for scoring when its request id falls in the sample (False when not, or when the queue is full)."
+    if (r.error or {}).get("type") == "InputValidationError": return False    # the caller's input, not the answer
+    b = route_bucket(r.request_id or "", "quality")
+    if b >= max(self.sample, self.judge_sample) * 10_000: return False
+    if self.queue is None:
+        with self._lock:
+            if self.queue is None:
+                q = self.pipe.settings.quality; self.queue = ShadowQueue(q.workers, q.queue)
+    judge = b < self.judge_sample * 10_000
+    return self.queue.submit(lambda: self._write(self.score(r, variables, judge)))
+
+@patch
+def _write(self:LiveQuality, rec:dict):
+    self.sink(rec)
+    with self._lock: self.scored += 1
+
+@patch
+def score(self:LiveQuality, r:Result, variables:dict|None=None, judge:bool=False) -> dict:
+    "The quality record of one answer: its score, validity, checks and judge rating (what `offer` writes)."
+    t = self.pipe.task
+    valid = r.output is not None and r.provider != "task"
+    checks = t.quality.check(r.output, t.output.kind, variables) if valid else {}
+    rating = self._rate(r, variables or {}) if valid and judge else None
+    parts = ([sum(checks.values()) / len(checks)] if checks else []) + ([rating] if rating is not None else [])
+    failed = [k for k, ok in checks.items() if not ok] if valid else [(r.error or {}).get("type") or "fallback"]
+    return dict(kind="quality", ts=r.timestamp or time.time(), request_id=r.request_id, task=r.task,
+                version=r.version, role=r.role, score=(sum(parts) / len(parts) if parts else 1.0) if valid else 0.0,
+                valid=int(valid), checks_passed=sum(checks.values()), checks_total=len(checks), judge=rating,
+                failed=",".join(failed) or None)
+
+@patch
+def _judge_pipe(self:LiveQuality):
+    "The judge's pipeline (made once); None when the judge needs a reference answer or is misconfigured."
+    with self._lock:
+        if self._judge is None and not self._judge_note:
+            t = self.pipe.task
+            try:
+                jp = judge_pipeline(t, self.pipe.settings, self._provider)
+                if "reference" in jp.judge_scale[3].values():
+                    self._judge_note = "its [scoring.judge] inputs need the reference answer, which live calls lack"
+                else: self._judge = jp
+            except PromptsysError as e: self._judge_note = str(e)
+            if self._judge_note: log.warning("%s: live answers are not judged: %s", t.name, self._judge_note)
+        return self._judge
+
+@patch
+def _rate(self:LiveQuality, r:Result, variables:dict) -> float|None:
+    "The judge's rating of `r`'s answer, scaled to 0..1 (None when there is no judge or it gave none)."
+    jp = self._judge_pipe()
+    if jp is None: return None
+    fld, lo, hi, mapping = jp.judge_scale
+    answer = answer_text(r.output, self.pipe.task.output.kind)
+    try: out = jp.run(**{k: answer if v == "answer" else variables.get(v, "") for k, v in mapping.items()}).output
+    except PromptsysError as e:
+        with self._lock: self.judge_errors += 1
+        log.warning("%s: the judge failed on request %s: %s", self.pipe.task.name, r.request_id, redact(str(e))[:200])
+        return None
+    v = (out or {}).get(fld)
+    with self._lock: self.judged += 1
+    return None if v is None else (float(v) - lo) / (hi - lo)
+
+@patch
+def stats(self:LiveQuality) -> dict:
+    "Calls scored and judged so far, judge failures, and the queue's counters."
+    q = self.queue.stats() if self.queue is not None else {}
+    return dict(scored=self.scored, judged=self.judged, judge_errors=self.judge_errors,
+                dropped=q.get("dropped", 0), queued=q.get("queued", 0), judge_note=self._judge_note)
+
+@patch
+def join(self:LiveQuality, timeout:float=30.0) -> bool:
+    "Wait until every queued answer is scored (True) or `timeout` passed (False)."
+    return self.queue is None or self.queue.join(timeout)
+
 # %% ../nbs/15_pipeline.ipynb #c041
 @dataclass(slots=True)
 class _Call:
@@ -409,7 +533,7 @@ def _prepare(self:Pipeline, value, variables:dict, request_id, use_cache:bool, r
         if r.canary is not None: call.b = self._pick(r, route_key or call.input_hash)
         call.prompt = self._render(call)
     except PromptsysError as e:
-        self._emit(self._failure(call, e))
+        self._emit(self._failure(call, e), call)
         raise
     if self.cache is not None: call.key = self._key(call.prompt, call.b.key_prefix)
     return call
@@ -434,7 +558,7 @@ def _render(self:Pipeline, call:_Call) -> str:
     try: text, call.messages = _rendered(call.b.prompt, call.variables)
     except PromptsysError as e:
         if call.b.role != "canary": raise
-        self._emit(self._failure(call, e))
+        self._emit(self._failure(call, e), call)
         call.b = replace(call.routes.primary, role="retry")
         text, call.messages = _rendered(call.b.prompt, call.variables)
     return text
@@ -454,7 +578,7 @@ def _from_cache(self:Pipeline, call:_Call) -> Result|None:
                hit["provider"], hit["endpoint"], hit["tokens_in"], hit["tokens_out"], 0.0,
                (time.perf_counter() - call.t0) * 1e3, True, call.request_id, input_chars=len(call.text),
                timestamp=time.time(), input_hash=call.input_hash, role=call.b.role)
-    self._emit(r)
+    self._emit(r, call)
     return r
 
 # %% ../nbs/15_pipeline.ipynb #c054
@@ -466,12 +590,32 @@ def _parse(self:Pipeline, c:Completion) -> dict:
         raise OutputValidationError(f"confidence {out['confidence']} is below the cascade threshold {floor}")
     return out
 
+# %% ../nbs/15_pipeline.ipynb #c057_l2
+SECRET_SHAPES = re.compile(r"\b(?:sk-(?:ant-)?[A-Za-z0-9_-]{16,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,}"
+                           r"|xox[abprs]-[A-Za-z0-9-]{10,})\b|(?i:\bbearer\s+)[A-Za-z0-9._~+/=-]{16,}")
+
+def logged_inputs(variables:dict, # A call's input variables
+                  patterns:tuple=() # More compiled patterns to mask (the task's `[log] redact`)
+                 ) -> str:
+    "A call's inputs as the call log keeps them: JSON, with secrets and the task's patterns masked as `***`."
+    def clean(v):
+        if isinstance(v, str):
+            v = SECRET_SHAPES.sub("***", redact(v))
+            for p in patterns: v = p.sub("***", v)
+            return v
+        if isinstance(v, dict): return {k: clean(x) for k, x in v.items()}
+        return [clean(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return json.dumps(clean(variables), ensure_ascii=False, default=str)
+
 # %% ../nbs/15_pipeline.ipynb #c058
 @patch
-def _emit(self:Pipeline, r:Result):
+def _emit(self:Pipeline, r:Result, call:_Call|None=None):
+    if self.live_quality is not None and call is not None: self.live_quality.offer(r, call.variables)
     log_on = self._log and records_log.isEnabledFor(logging.INFO)
     if not (self.sinks or log_on): return
     rec = r.to_record()
+    if self._log_inputs is not None and call is not None and call.variables:
+        rec["inputs"] = logged_inputs(call.variables, self._log_inputs)
     if log_on: records_log.info(json.dumps(rec, separators=(",", ":")))
     for sink in self.sinks:
         try: sink(rec)
@@ -488,7 +632,7 @@ def _success(self:Pipeline, call:_Call, c:Completion, out:dict, fallback:bool) -
     if call.key and not fallback:
         self.cache.set(call.key, dict(output=out, raw=c.text, model=c.model, provider=c.provider,
                                       endpoint=c.endpoint, tokens_in=c.tokens_in, tokens_out=c.tokens_out))
-    self._emit(r)
+    self._emit(r, call)
     return r
 
 # %% ../nbs/15_pipeline.ipynb #c063
@@ -504,7 +648,7 @@ def _failure(self:Pipeline, call:_Call, err:PromptsysError) -> Result:
 def _give_up(self:Pipeline, call:_Call, err:PromptsysError) -> Result:
     "Every model failed: the task's fallback answer in service mode, the typed error in strict mode."
     if call.b.role in ("canary", "shadow"):     # production answers the caller instead: record the failure, no answer
-        self._emit(self._failure(call, err))
+        self._emit(self._failure(call, err), call)
         return None
     fb = self.task.fallback
     if self.mode == "service" and fb is not None and not isinstance(err, InputValidationError):
@@ -512,9 +656,9 @@ def _give_up(self:Pipeline, call:_Call, err:PromptsysError) -> Result:
                    call.tokens_in, call.tokens_out, call.cost, (time.perf_counter() - call.t0) * 1e3, False,
                    call.request_id, call.retries, True, f"{type(err).__name__}: {err.message}"[:300],
                    input_chars=len(call.text), timestamp=time.time(), input_hash=call.input_hash, role=call.b.role)
-        self._emit(r)
+        self._emit(r, call)
         return r
-    self._emit(self._failure(call, err))
+    self._emit(self._failure(call, err), call)
     raise err
 
 # %% ../nbs/15_pipeline.ipynb #c073
@@ -632,7 +776,7 @@ def _shadow_job(self:Pipeline, call:_Call):
         try: sc = self._again(call, r.shadow, time.perf_counter())
         except PromptsysError as e:      # the candidate's template cannot take these inputs: a shadow failure
             sc = _Call(call.request_id, time.perf_counter(), call.text, b=r.shadow, input_hash=call.input_hash)
-            self._emit(self._failure(sc, e)); return
+            self._emit(self._failure(sc, e), sc); return
         self._complete(sc, True)
     return job
 

@@ -14,9 +14,9 @@ from .config import in_range
 
 # %% auto #0
 __all__ = ['VAR', 'VERSION_FILE', 'ROLES', 'OUTPUT_FIELDS', 'DEFAULTS_FIELDS', 'INPUT_TYPES', 'INPUT_FIELDS', 'TEXT_SCORERS',
-           'FIELD_MATCHES', 'TASK_NAME', 'content_hash', 'PromptVersion', 'chat_template', 'check_fields',
-           'OutputSchema', 'InputLimits', 'input_specs', 'Scoring', 'Task', 'read_utf8', 'load_task', 'list_tasks',
-           'scaffold_task']
+           'FIELD_MATCHES', 'QUALITY_CHECKS', 'QUALITY_FIELDS', 'TASK_NAME', 'content_hash', 'PromptVersion',
+           'chat_template', 'check_fields', 'OutputSchema', 'InputLimits', 'input_specs', 'Scoring', 'answer_text',
+           'Quality', 'Task', 'read_utf8', 'load_task', 'list_tasks', 'scaffold_task']
 
 # %% ../nbs/02_prompts.ipynb #c006
 VAR = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
@@ -280,6 +280,81 @@ class Scoring:
         return ("accuracy", "f1_macro") if kind == "label" else ("accuracy", "field_mean")
 
 
+# %% ../nbs/02_prompts.ipynb #c026_q2
+QUALITY_CHECKS = ("min_chars", "max_chars", "must_match", "must_not_match", "must_not_contain", "grounded", "required")
+QUALITY_FIELDS = dict(sample=("number", "[0, 1]"), judge_sample=("number", "[0, 1]"), min_chars=("whole", "[0, inf)"),
+                      max_chars=("whole", "[0, inf)"), must_match=("str", None), must_not_match=("str", None),
+                      must_not_contain=("strings", None), grounded=("strings", None), required=("strings", None))
+
+def _norm_words(x:str) -> str: return " ".join(str(x).casefold().split())
+
+def answer_text(output:dict|None, kind:str) -> str:
+    "A parsed answer as one string: a json answer's JSON text, else its one field's value ('' for none)."
+    if not output: return ""
+    return json.dumps(output, ensure_ascii=False) if kind == "json" else str(next(iter(output.values()), ""))
+
+@dataclass
+class Quality:
+    "The reference-free checks of a live answer, and the task's sampling shares (`[quality]` of task.toml)."
+    sample: float|None = None        # share of live calls scored (None: settings' [quality] sample)
+    judge_sample: float|None = None  # share of live calls its [scoring.judge] rates (None: settings')
+    min_chars: int = 0
+    max_chars: int = 0
+    must_match: str = ""
+    must_not_match: str = ""
+    must_not_contain: tuple = ()
+    grounded: tuple = ()             # json fields whose strings must occur in the inputs
+    required: tuple = ()             # json fields that must be present and not empty
+    @property
+    def declared(self) -> list[str]:
+        "The checks this task declares."
+        return [k for k in QUALITY_CHECKS if getattr(self, k)]
+    @classmethod
+    def from_dict(cls, d:dict, output:"OutputSchema", where:str):
+        "The `[quality]` table of a task whose answers look like `output`; `where` names the file in errors."
+        if bad := sorted(set(d) - set(QUALITY_FIELDS)):
+            raise ConfigError(f"{where}: [quality] has unknown key(s) {', '.join(bad)}",
+                              f"Known keys: {', '.join(QUALITY_FIELDS)}.")
+        check_fields(d, where, "quality", QUALITY_FIELDS)
+        for k in ("must_match", "must_not_match"):
+            try: re.compile(d.get(k, ""))
+            except re.error as e:
+                raise ConfigError(f"{where}: [quality] {k}: {e}", "Fix the regular expression.") from None
+        props = (output.json_schema or {}).get("properties", {})
+        for k in ("grounded", "required"):
+            if d.get(k) and output.kind != "json":
+                raise ConfigError(f"{where}: [quality] {k} names fields of a json answer; "
+                                  f"this task's answers are {output.kind}")
+            if bad := [f for f in d.get(k, []) if props and f not in props]:
+                raise ConfigError(f"{where}: [quality] {k}: no field {', '.join(bad)} in the output schema",
+                                  f"Fields: {', '.join(props)}.")
+        return cls(d.get("sample"), d.get("judge_sample"), d.get("min_chars", 0), d.get("max_chars", 0),
+                   d.get("must_match", ""), d.get("must_not_match", ""), tuple(d.get("must_not_contain", ())),
+                   tuple(d.get("grounded", ())), tuple(d.get("required", ())))
+
+@patch
+def check(self:Quality, output:dict, # A parsed answer
+          kind:str, # The task's output kind ('label', 'json' or 'text')
+          inputs:dict|None=None # The call's input variables (for `grounded`)
+         ) -> dict[str, bool]:
+    "Each declared check's verdict on one answer: {check name: passed}."
+    text = answer_text(output, kind)
+    out = {}
+    if self.min_chars: out["min_chars"] = len(text) >= self.min_chars
+    if self.max_chars: out["max_chars"] = len(text) <= self.max_chars
+    if self.must_match: out["must_match"] = re.search(self.must_match, text) is not None
+    if self.must_not_match: out["must_not_match"] = re.search(self.must_not_match, text) is None
+    if self.must_not_contain:
+        t = _norm_words(text); out["must_not_contain"] = not any(_norm_words(p) in t for p in self.must_not_contain)
+    if self.grounded:
+        src = _norm_words(" ".join(str(v) for v in (inputs or {}).values()))
+        for f in self.grounded:
+            v = output.get(f)
+            vals = [x for x in (v if isinstance(v, list) else [v]) if isinstance(x, str) and x.strip()]
+            out[f"grounded:{f}"] = all(_norm_words(x) in src for x in vals)
+    for f in self.required: out[f"required:{f}"] = output.get(f) not in (None, "", [], {})
+    return out
+
 # %% ../nbs/02_prompts.ipynb #c026
 @dataclass
 class Task:
@@ -296,9 +371,13 @@ class Task:
     config: dict = field(default_factory=dict)
     inputs: dict = field(default_factory=dict)                # every input by name (default: just `input`)
     scoring: Scoring|None = None                              # how answers are scored (default: the kind's)
+    quality: Quality|None = None                              # live answers' reference-free checks ([quality])
+    log_inputs: bool = False                                  # keep calls' input variables in the call log ([log])
+    log_redact: tuple = ()                                    # more patterns to mask in logged inputs ([log] redact)
     def __post_init__(self):
         if not self.inputs: self.inputs = {self.input.variable: self.input}
         if self.scoring is None: self.scoring = Scoring.from_dict({}, self.output.kind, self.name)
+        if self.quality is None: self.quality = Quality()
     @property
     def latest(self) -> PromptVersion: return self.version("latest")
     def __repr__(self):
@@ -378,10 +457,18 @@ def load_task(name:str, # The task's folder name
         try: cfg = tomllib.loads(read_utf8(tf))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{tf}: {e}", "Fix the TOML syntax of the task file.") from None
-    for t in ("input", "inputs", "output", "defaults", "dataset", "versions", "scoring"):
+    for t in ("input", "inputs", "output", "defaults", "dataset", "versions", "scoring", "quality", "log"):
         if t in cfg: check_fields(cfg[t], str(tf), t, {})
     check_fields(cfg.get("defaults", {}), str(tf), "defaults", DEFAULTS_FIELDS)
     check_fields(cfg.get("dataset", {}), str(tf), "dataset", dict(path=("str", None)))
+    logc = check_fields(cfg.get("log", {}), str(tf), "log", dict(inputs=("bool", None), redact=("strings", None)))
+    if bad := sorted(set(logc) - {"inputs", "redact"}):
+        raise ConfigError(f"{tf}: [log] has unknown key(s) {', '.join(bad)}",
+                          "The [log] table takes inputs = true|false and redact = [regular expressions].")
+    for p in logc.get("redact", []):
+        try: re.compile(p)
+        except re.error as e:
+            raise ConfigError(f"{tf}: [log] redact {p!r}: {e}", "Fix the regular expression.") from None
     inputs = input_specs(cfg, str(tf))
     notes = {int(str(k).lstrip("v")): v for k, v in cfg.get("versions", {}).items()}
     ds = cfg.get("dataset", {}).get("path")
@@ -389,6 +476,8 @@ def load_task(name:str, # The task's folder name
     return Task(name=cfg.get("name", name), dir=d, description=cfg.get("description", ""),
                 output=out, input=next(iter(inputs.values())), scoring=Scoring.from_dict(cfg.get("scoring", {}),
                                                                                          out.kind, str(tf)),
+                quality=Quality.from_dict(cfg.get("quality", {}), out, str(tf)),
+                log_inputs=bool(logc.get("inputs", False)), log_redact=tuple(logc.get("redact", ())),
                 defaults=cfg.get("defaults", {}), dataset=(d / ds) if ds else None,
                 fallback=cfg.get("fallback"), versions=_read_versions(d, name, notes), config=cfg, inputs=inputs)
 

@@ -14,6 +14,7 @@ from .prompts import Task, load_task
 from .registry import task_experiment, current_alias, alias_number
 from .metrics import raise_alert
 from .evaluation import load_dataset, evaluate
+from .monitor import live_quality_change
 from .promotion import history, rollback
 from .rollout import check as rollout_check
 
@@ -91,7 +92,7 @@ def watch(task:str|Task, # A task name or `Task`
           sample:int|None=None, # Re-evaluate on this reproducible sample (the same as the scheduled eval's)
           auto_rollback:bool|None=None, # Roll back on a regression (default [gate] auto_rollback)
           progress:bool=False) -> dict:
-    "Re-evaluate production; alert (and maybe roll back) when its primary metric dropped beyond the threshold."
+    "Re-evaluate production; alert (and maybe roll back) when its primary metric, or its live quality, dropped."
     s = settings or get_settings()
     t = task if isinstance(task, Task) else load_task(task, s.promptsys.prompts_dir)
     client, exp_id = task_experiment(t, s)
@@ -106,13 +107,16 @@ def watch(task:str|Task, # A task name or `Task`
     rec, basis = _recorded_accuracy(client, exp_id, t, prod, ds.hash, history(t, s), metric)
     now = float(df[metric].iloc[0])
     drop = (rec - now) if rec is not None else 0.0
+    live = live_quality_change(s, t.name, prod)          # sampled live answers: the last hours against before
+    live_drop = live["drop"] is not None and live["drop"] > s.gate.regression_threshold
     out = dict(task=t.name, version=prod, metric=metric, recorded_accuracy=rec, recorded_from=basis, accuracy=now,
                drop=drop,
                run_id=df.run_id.iloc[0], threshold=s.gate.regression_threshold,
-               regression=drop > s.gate.regression_threshold, rolled_back=False)
+               regression=drop > s.gate.regression_threshold or live_drop, live=live, rolled_back=False)
     client.set_tag(out["run_id"], "promptsys.watch", "regression" if out["regression"] else "ok")
     if not out["regression"]: return out
-    msg = _alert(t, prod, rec, now, s, metric)
+    msg = (_alert(t, prod, rec, now, s, metric) if drop > s.gate.regression_threshold
+           else _alert(t, prod, live["live_quality_before"], live["live_quality_now"], s, "live quality"))
     if s.gate.auto_rollback if auto_rollback is None else auto_rollback:
         try:
             rollback(t, settings=s, reason=f"auto rollback by the regression watch: {msg}", user="promptsys-watch")

@@ -489,3 +489,60 @@ def test_feedback_driven_accuracy_for_a_json_task(tmp_path):
     assert groups[2]["feedback_quality"] == pytest.approx(0.7) and groups[2]["feedback_labels"] == 10
     keys = [a.key for a in monitor.evaluate_alerts(s)]
     assert "accuracy:classification:v2" in keys and "accuracy:classification:v1" not in keys, keys
+
+
+def test_live_quality_scores_a_sample_per_version_on_the_embedded_model(tmp_path):
+    """The shipped summary task and its judge on the embedded model (greedy): half of the live calls of two
+    versions are scored in the background — the task's reference-free checks and the judge's rating — chosen
+    by request id; the scores per version are in `promptsys dashboard --json`, each scored call's score and its
+    (opted-in, redacted) inputs in `promptsys logs --request-id`, and the min_live_quality rule reads them."""
+    prompts = tmp_path / "prompts"
+    for name in ("summary", "summary_judge"): shutil.copytree(ROOT / "prompts" / name, prompts / name)
+    toml = prompts / "summary" / "task.toml"
+    text = re.sub(r"(?m)^sample = .*$", "sample = 0.5", toml.read_text())
+    toml.write_text(re.sub(r"(?m)^judge_sample = .*$", "judge_sample = 0.5", text) + "\n[log]\ninputs = true\n")
+    key = "sk-test-" + "7" * 24
+    ov = {"promptsys.prompts_dir": str(prompts), "promptsys.state_dir": str(tmp_path), "model.provider": "local",
+          "monitor.enabled": "true", "monitor.db_path": str(tmp_path / "m.db"), "cache.enabled": "false",
+          "promptsys.records": "none", "alerts.min_live_quality": "0.99", "quality.min_scored": "1",
+          "promptsys.mode": "service"}     # a summary over 240 characters gets the task's fallback: scored 0
+    s = load_settings(ROOT / "settings.ini", overrides=ov)
+    reviews = [json.loads(l)["review"] for l in (prompts / "summary/data/reviews.jsonl").read_text().splitlines()[:6]]
+    reviews[0] += f" My account key is {key}."
+    ids = {v: [f"v{v}-{i}" for i in range(len(reviews))] for v in (1, 2)}
+    for v in (1, 2):
+        pipe = Pipeline("summary", v, settings=s)
+        for rid, review in zip(ids[v], reviews): pipe.run(review, request_id=rid)
+        assert pipe.live_quality.join(300)
+        st = pipe.live_quality.stats()
+        assert st["judge_errors"] == 0 and st["dropped"] == 0 and st["judge_note"] == "", st
+    picked = {v: [r for r in ids[v] if metrics_bucket(r) < 5000] for v in (1, 2)}
+    assert 1 <= len(picked[1]) < len(reviews) and 1 <= len(picked[2]) < len(reviews), picked   # a sample, not all
+    metrics.metrics_store(s).flush()
+    rows = sql(tmp_path / "m.db", "SELECT request_id, version, score, checks_total, judge, valid, failed FROM quality "
+               "WHERE task = 'summary' ORDER BY request_id")
+    assert sorted(r[0] for r in rows) == sorted(picked[1] + picked[2])
+    for rid, v, score, checks, judge, valid, failed in rows:
+        if valid: assert checks == 2 and judge is not None and 0 <= judge <= 1 and 0 <= score <= 1, (rid, score, judge)
+        else: assert (score, checks, judge, failed) == (0.0, 0, None, "fallback"), (rid, score, failed)
+    assert sum(r[5] for r in rows) >= 2, rows                                 # most answers are the model's own
+    groups = {g["version"]: g for g in json.loads(cli(ov, "dashboard", "--json", "--task", "summary").stdout)["groups"]}
+    for v in (1, 2):
+        mine = [r[2] for r in rows if r[1] == v]
+        assert groups[v]["live_scored"] == len(picked[v])
+        assert groups[v]["live_judged"] == sum(1 for r in rows if r[1] == v and r[5])
+        assert groups[v]["live_quality"] == pytest.approx(sum(mine) / len(mine))
+    one = next(r[0] for r in rows if r[5])
+    out = cli(ov, "logs", "summary", "--request-id", one).stdout
+    assert f"request_id: {one}" in out and "quality: " in out and "(judge " in out and "inputs: {" in out, out
+    first = json.loads(cli(ov, "logs", "summary", "--request-id", "v1-0", "--json").stdout.splitlines()[0])
+    assert "***" in first["inputs"] and key not in first["inputs"] and key not in (tmp_path / "m.db").read_bytes().decode("latin-1")
+    low = [v for v in (1, 2) if groups[v]["live_quality"] < 0.99]
+    keys = {a.key for a in monitor.evaluate_alerts(s, task="summary", min_calls=1)}
+    assert {f"live_quality:summary:v{v}" for v in low} <= keys and low, (keys, groups)
+
+
+def metrics_bucket(request_id: str) -> int:
+    "The bucket (0..9999) the live-quality sample is drawn by: the same function the pipeline uses."
+    from promptsys.pipeline import route_bucket
+    return route_bucket(request_id, "quality")
