@@ -520,13 +520,15 @@ COMMANDS["stage"] = ("point the staging alias at a version",
 # %% ../nbs/21_cli.ipynb #c042
 def configure_history(p):
     p.add_argument("task"); p.add_argument("--json", action="store_true", help="raw JSON lines")
+    p.add_argument("--registry", action="store_true",
+                   help="every clone's entries, from the MLflow registry (default: this checkout's audit.jsonl)")
 
 def cmd_history(a) -> int:
-    "Print the task's audit trail."
-    from promptsys.promotion import history, format_history
+    "Print the task's audit trail: this checkout's, or with --registry the whole team's."
+    from promptsys.promotion import history, registry_history, format_history
     s = settings_from_args(a)
     task_versions(a.task, s, [])
-    h = history(a.task, s)
+    h = (registry_history if a.registry else history)(a.task, s)
     if a.json: print("\n".join(json.dumps(e, ensure_ascii=False) for e in h))
     else: print(format_history(h) or f"no audit entries for {a.task}")
     return 0

@@ -102,6 +102,14 @@ def test_two_clones_promoting_against_one_tracking_server_keep_every_audit_entry
     assert len([k for k in tags if k.startswith("audit.")]) == 4                     # nothing overwritten
     assert [(e["user"], e["reason"]) for e in pp.registry_history("reviews", b)] == \
            [("ann", "a1"), ("bo", "b1"), ("ann", "a2"), ("bo", "b2")]
+    from promptsys.cli import main                     # the CLI: this checkout's trail, or the team's with --registry
+    sets = [x for k, v in {**_overrides(tmp_path / "b", url), "mlflow.tracking_uri": f"sqlite:///{tmp_path}/shared.db"}
+            .items() for x in ("--set", f"{k}={v}")]
+    import contextlib, io
+    for flag, want in (([], ["b1", "b2"]), (["--registry"], ["a1", "b1", "a2", "b2"])):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf): assert main([*sets, "history", "reviews", "--json", *flag]) == 0
+        assert [json.loads(l)["reason"] for l in buf.getvalue().splitlines()] == want, flag
 
 
 def test_promotion_lifecycle(env):
