@@ -22,8 +22,8 @@ __all__ = ['log', 'SCORER_COLUMNS', 'INVALID', 'SUMMARY_COLUMNS', 'FIGURES', 'TA
            'load_dataset', 'check_task', 'confusion_matrix', 'label_report', 'score', 'answer_output', 'answer',
            'token_f1', 'rouge_l', 'field_score', 'contains_score', 'judge_answer', 'mark_stale_runs',
            'confusion_figure', 'compare_figure', 'VersionEval', 'summary_frame', 'eval_figures', 'figure_png',
-           'TrackingWorker', 'judge_pipeline', 'judge_rows', 'evaluate', 'run_summary', 'compare', 'run_examples',
-           'example_score', 'summary_text', 'example_rows', 'write_table']
+           'TrackingWorker', 'judge_rows', 'evaluate', 'run_summary', 'compare', 'run_examples', 'example_score',
+           'summary_text', 'example_rows', 'write_table']
 
 # %% ../nbs/16_evaluation.ipynb #c007
 @dataclass
@@ -741,28 +741,7 @@ class TrackingWorker:
         self.worker.join(10)
 
 # %% ../nbs/16_evaluation.ipynb #c049_d68
-def judge_pipeline(t:Task, s:Settings, provider=None, cache:bool=True):
-    "The pipeline of `t`'s judge (`[scoring.judge]`): its task at its `version` (a number, latest or an alias)."
-    from promptsys.pipeline import Pipeline
-    j = t.scoring.judge
-    jt = load_task(j["task"], s.promptsys.prompts_dir)
-    if jt.output.kind != "json" or not jt.output.schema:
-        raise ConfigError(f"{t.name}'s judge {jt.name} must be a json task with a schema (its answer holds the rating)")
-    fld = j.get("field", jt.output.field)
-    prop = jt.output.json_schema.get("properties", {}).get(fld, {})
-    if "minimum" not in prop or "maximum" not in prop:
-        raise ConfigError(f"{jt.name}: its schema's {fld!r} needs a minimum and a maximum (the rating's scale)")
-    sources = {"answer", "reference", *t.inputs}
-    mapping = j.get("inputs") or {k: k for k in jt.inputs if k in sources}
-    if bad := {k: v for k, v in mapping.items() if v not in sources or k not in jt.inputs}:
-        raise ConfigError(f"{t.name}: [scoring.judge] inputs {bad} — each judge input "
-                          f"({', '.join(jt.inputs)}) takes one of {', '.join(sorted(sources))}")
-    if missing := [k for k, spec in jt.inputs.items() if k not in mapping and spec.required]:
-        raise ConfigError(f"{t.name}: [scoring.judge] gives the judge no {', '.join(missing)}",
-                          "Map it in [scoring.judge] inputs, e.g. inputs = { summary = \"answer\" }.")
-    pipe = Pipeline(jt, j.get("version", "latest"), settings=s, provider=provider, cache=cache, mode="strict")
-    pipe.judge_scale = (fld, float(prop["minimum"]), float(prop["maximum"]), mapping)
-    return pipe
+from .pipeline import judge_pipeline   # made there: live answers are judged by the same pipeline
 
 def judge_rows(jpipe, ds:Dataset, rows:list[dict], concurrency:int=1, progress:bool=False, cache:bool=True):
     "Add each row's `judge` score (0..1; 0 without an answer, None when the judge gave none)."
