@@ -410,6 +410,18 @@ def test_eval_command_exits_before_its_runs_are_logged(env, tmp_path):
     assert all(r.info.status == "FINISHED" and _complete(client, r) for r in runs)
 
 
+def test_eval_command_waits_for_its_runs_with_tracking_wait(env, tmp_path):
+    "`[eval] tracking = wait`: the command returns once every run is FINISHED, and prints their ids."
+    db, ov, cli, envp = _cli_env(env, tmp_path)
+    r = subprocess.run([*cli, "--set", "eval.tracking=wait", "eval", "sentiment", "--versions", "1,2"], cwd=tmp_path,
+                       env=envp, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = _eval_runs(db)
+    assert sorted(x[2] for x in runs) == ["1", "2"] and {x[1] for x in runs} == {"FINISHED"}
+    assert "run_id" in r.stdout and all(x[0] in r.stdout for x in runs) and "background" not in r.stdout
+    assert list((tmp_path / "state" / "tracking-spool").iterdir()) == []
+
+
 @pytest.mark.parametrize("when,then", [("at once", "promote"), ("runs started", "eval")])
 def test_a_killed_background_worker_loses_no_run(env, tmp_path, when, then):
     "kill -9 the worker an eval left behind — right after the command exits, or once it has started the runs — and "
