@@ -14,7 +14,7 @@ its child processes included): on a loaded machine the wall times follow it.
 `promptsys eval` exits once its eval is spooled ([eval] tracking = background); its MLflow worker logs the runs
 after it. The work moved, it did not vanish: for promptsys the table also gives the time until its runs are all
 FINISHED in MLflow (the spool entry removed), from the command's start and from its exit, and the CPU time
-includes the worker's (read from /proc until it exits). Each round waits for the runs before the next starts.
+includes the worker's (read from /proc until it exits) and the figure drawer's (it reports its own). Each round waits for the runs before the next starts.
 
     python benchmarks/bench_vs_promptfoo.py [--rows 60] [--rounds 5] [--concurrency 32] [--delay-ms 100]
         [--promptfoo DIR] [--large 1000]
@@ -98,18 +98,23 @@ def follow_worker(r:dict, spool:Path) -> dict:
     "After `promptsys eval` exited: when its background worker had every run FINISHED (its spool entry gone), and "
     "the worker's CPU time (from /proc, until it exits). A promptsys that logs before it exits: at its exit."
     entries = list(spool.glob("*/manifest.json")) if spool.is_dir() else []
-    if not entries: return dict(r, finished=r["wall"], after_exit=0.0, worker_cpu=0.0)
+    if not entries: return dict(r, finished=r["wall"], after_exit=0.0, worker_cpu=0.0, drawer_cpu=0.0)
     pid, tick, cpu = json.loads(entries[0].read_text())["worker_pid"], os.sysconf("SC_CLK_TCK"), 0.0
     def read_cpu():
         try: f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError: return None
         return None if f[0] == "Z" else (int(f[11]) + int(f[12])) / tick
+    drawer = 0.0                                      # the short-lived process that drew the figures, if any
     while any(p.name[0] != "." for p in spool.iterdir()):
         cpu = read_cpu() or cpu
+        for f in spool.glob("*/drawer.json"):
+            try: drawer = json.loads(f.read_text())["cpu_s"]
+            except (OSError, ValueError): pass
         time.sleep(0.01)
     done = time.time()
     while (c := read_cpu()) is not None: cpu = c; time.sleep(0.01)
-    return dict(r, finished=done - r["t0"], after_exit=done - r["t1"], worker_cpu=cpu, cpu=r["cpu"] + cpu)
+    return dict(r, finished=done - r["t0"], after_exit=done - r["t1"], worker_cpu=cpu, drawer_cpu=drawer,
+                cpu=r["cpu"] + cpu + drawer)
 
 
 def promptsys_phases(r:dict, path:Path) -> dict:
@@ -179,7 +184,8 @@ def main(argv=None) -> int:
                              ratio=round(lr["wall"] / lr["calls"], 3), target=1.25,
                              finished_s=round(lr["finished"], 3), finished_ratio=round(lr["finished"] / lr["calls"], 3),
                              phases={k: round(lr[k], 3) for k in ("startup", "calls", "tail", "setup_wait", "logging",
-                                                                  "exit", "after_exit", "worker_cpu")})
+                                                                  "exit", "after_exit", "worker_cpu",
+                                                                  "drawer_cpu")})
     finally:
         stop_server(proc)
 
@@ -187,7 +193,7 @@ def main(argv=None) -> int:
         v = [x[k] for x in xs if x.get(k) is not None]
         return round(statistics.median(v), 3) if v else None
     keys = ("wall", "startup", "calls", "tail", "setup_wait", "logging", "exit", "finished", "after_exit", "cpu",
-            "worker_cpu")
+            "worker_cpu", "drawer_cpu")
     res = dict(benchmark="bench_vs_promptfoo", rows=a.rows, versions=versions, concurrency=a.concurrency,
                delay_ms=a.delay_ms, rounds=a.rounds, promptfoo="0.118" if have_pf else None,
                promptsys={k: med(ps, k) for k in keys},
@@ -206,7 +212,7 @@ def main(argv=None) -> int:
                  tail="last answer to exit", setup_wait="  MLflow set-up wait", logging="  MLflow logging",
                  exit="  exit (print, shut down)", finished="runs FINISHED in MLflow (from start)",
                  after_exit="  after the command's exit", cpu="CPU time (user + sys, all processes)",
-                 worker_cpu="  of which the MLflow worker")
+                 worker_cpu="  of which the MLflow worker", drawer_cpu="  of which the figure drawer")
     for k in keys:
         b = res["promptfoo_s"].get(k) if have_pf and k in res["promptfoo_s"] else None
         v = res["promptsys"][k]

@@ -578,9 +578,11 @@ def _cpu_s() -> float:
     return t.user + t.system
 
 def _dump(path:Path, obj, fsync:bool=True):
-    "Write `obj` to `path` atomically (pickled; JSON for a .json path): a temporary file, fsync'd, then renamed."
+    "Write `obj` to `path` atomically (bytes as they are, JSON for a .json path, else pickled): a temporary file, "
+    "fsync'd, then renamed."
     import pickle
-    data = json.dumps(obj).encode() if path.suffix == ".json" else pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    data = (obj if isinstance(obj, bytes) else json.dumps(obj).encode() if path.suffix == ".json"
+            else pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -590,6 +592,22 @@ def _dump(path:Path, obj, fsync:bool=True):
 def _load(path:Path):
     import pickle
     return pickle.loads(path.read_bytes())
+
+def _drawn(entry:Path, key, name:str, wait:float=60.0) -> bytes|None:
+    "A figure the eval's drawer process left in the spool (`fig-<version|all>-<name>`), once it is done; else None."
+    import fcntl
+    try: fd = os.open(entry / "figures.lock", os.O_RDONLY)
+    except OSError: return None                       # no drawer: the figures are drawn here
+    try:
+        t0 = time.monotonic()
+        while True:                                   # the drawer holds the lock while it lives
+            try: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB); break
+            except BlockingIOError:
+                if time.monotonic() - t0 > wait: return None
+                time.sleep(0.02)
+    finally: os.close(fd)
+    try: return (entry / f"fig-{key}-{name}").read_bytes()
+    except OSError: return None
 
 def _finish_spool(client, setup:tuple, entry:Path, t:Task, ds:Dataset, figures:tuple, evals:dict, rids:dict,
                   drawn:set, cmp:bytes|None, done:frozenset=frozenset()):
@@ -605,11 +623,12 @@ def _finish_spool(client, setup:tuple, entry:Path, t:Task, ds:Dataset, figures:t
     todo = {n: ev for n, ev in evals.items() if n not in done}
     if "confusion" in figures and labels:
         for n, ev in todo.items():
-            if n not in drawn:
-                client.log_figure(ev.run_id, confusion_figure(ev.confusion, f"{ev.version.task} {ev.version.name}"),
-                                  "confusion_matrix.png")
+            if n in drawn: continue
+            png = _drawn(entry, n, "confusion_matrix.png") or figure_png(
+                confusion_figure(ev.confusion, f"{ev.version.task} {ev.version.name}"))
+            _log_png(client, ev.run_id, png, "confusion_matrix.png")
     if "comparison" in figures and todo:
-        png = cmp or figure_png(compare_figure(summary_frame(evals)))
+        png = cmp or _drawn(entry, "all", "versions_comparison.png") or figure_png(compare_figure(summary_frame(evals)))
         for ev in todo.values(): _log_png(client, ev.run_id, png, "versions_comparison.png")
     for ev in todo.values(): client.set_terminated(ev.run_id, "FINISHED")    # last: a FINISHED run has everything
 
@@ -722,14 +741,16 @@ def _preload(figures:tuple):
     def go():
         import pandas
         if figures: import matplotlib.figure, matplotlib.backends.backend_agg
-    threading.Thread(target=go, name="promptsys-preload", daemon=True).start()
+    th = threading.Thread(target=go, name="promptsys-preload", daemon=True)
+    th.start()
+    return th
 
 class TrackingWorker:
     "An eval's MLflow worker: a forked child process when MLflow is not imported yet (its import, store set-up and "
     "logging run beside the calls), else a thread. `background`: it finishes the runs after the eval has returned."
     def __init__(self, s:Settings, t:Task, vs:list, ds:Dataset, figures:tuple=FIGURES, background:bool=False):
         self.ready_at = self.setup_s = self.logged_at = self.worker_cpu_s = None
-        self.task, self.figures, self.undrawn, self.background = t, figures, [], background
+        self.task, self.figures, self.undrawn, self.background, self._preloader = t, figures, [], background, None
         for pid in list(_background):                 # earlier background workers of this process that are done
             try:
                 if os.waitpid(pid, os.WNOHANG)[0]: _background.remove(pid)
@@ -815,7 +836,8 @@ class TrackingWorker:
         now = self.ready_at is not None and not last
         self._send(("finish", ev.version.number, now))
         if not now: self.undrawn.append(ev)
-        if not last and "pandas" not in sys.modules: _preload(() if self.background else self.figures)
+        if not last and "pandas" not in sys.modules:   # background: matplotlib only in the drawer (`_draw_apart`)
+            self._preloader = _preload(() if self.background else self.figures)
 
     def _spooled(self):
         "Mark the spool complete (its manifest, written last): from here on the runs are logged even if we die."
@@ -846,11 +868,43 @@ class TrackingWorker:
         self._join()
         return msg[1]
 
-    def hand_off(self) -> dict:
+    def _draw_apart(self, evals:dict):
+        "The figures the worker has not drawn, drawn by a short-lived child process into the spool (`fig-*.png`) "
+        "while the worker is still setting up, and this process exits: neither waits for matplotlib."
+        import fcntl, gc
+        todo = [(ev.version.number, "confusion_matrix.png", ev) for ev in self.undrawn
+                if "confusion" in self.figures and self.task.output.labels]
+        todo += [("all", "versions_comparison.png", None)] if "comparison" in self.figures and evals else []
+        if not todo or not self.forked: return        # (a thread worker draws them itself: this process lives on)
+        if self._preloader: self._preloader.join()    # no import half done in the child (the summary needs pandas)
+        lock = os.open(self.entry / "figures.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(lock, fcntl.LOCK_EX)              # held by the drawer while it lives (the worker waits for it)
+        gc.freeze()
+        pid = None
+        try: pid = os.fork()
+        finally:
+            if pid != 0: gc.unfreeze()
+        if pid == 0:
+            try:
+                os.setsid()
+                null = os.open(os.devnull, os.O_RDWR)
+                for i in (0, 1, 2): os.dup2(null, i)  # none of the command's pipes
+                os.close(self._fd); self._conn.close()
+                for key, name, ev in todo:
+                    fig = (confusion_figure(ev.confusion, f"{ev.version.task} {ev.version.name}") if ev
+                           else compare_figure(summary_frame(evals)))
+                    _dump(self.entry / f"fig-{key}-{name}", figure_png(fig), fsync=False)
+                _dump(self.entry / "drawer.json", dict(pid=os.getpid(), cpu_s=_cpu_s()))   # for benchmarks
+            finally: os._exit(0)
+        os.close(lock)
+
+    def hand_off(self, evals:dict) -> dict:
         "Background: spool complete, the worker told, and let go; it logs the runs (after this process has exited). "
         "Where to watch them: {spool, worker_pid}."
         self.check()
         self._spooled()
+        try: self._draw_apart(evals)
+        except OSError as e: log.debug("no drawer process (%s): the worker draws the figures", e)
         try: self._send(("spooled",))
         except OSError: pass                          # gone: the next command that reads runs logs them
         if self.forked:
@@ -958,7 +1012,7 @@ def evaluate(task:str|Task, # A task name or a loaded `Task`
             if tw: tw.finish(ev, last=pv is vs[-1])  # logged now, while the next version runs
         phases["calls_done"] = time.time()
         if pool: pool.shutdown(wait=True)
-        handed = tw.hand_off() if tw and tw.background else {}
+        handed = tw.hand_off(evals) if tw and tw.background else {}
         if tw and not tw.background:
             for n, rid in tw.end(evals).items(): evals[n].run_id = rid
         phases["logged"] = time.time()
