@@ -836,8 +836,9 @@ class TrackingWorker:
         now = self.ready_at is not None and not last
         self._send(("finish", ev.version.number, now))
         if not now: self.undrawn.append(ev)
-        if not last and "pandas" not in sys.modules:   # background: matplotlib only in the drawer (`_draw_apart`)
-            self._preloader = _preload(() if self.background else self.figures)
+        if not last and "pandas" not in sys.modules:   # background, worker not ready (a short eval): matplotlib
+            slack = not self.background or self.ready_at is not None     # only in the drawer (`_draw_apart`)
+            self._preloader = _preload(self.figures if slack else ())
 
     def _spooled(self):
         "Mark the spool complete (its manifest, written last): from here on the runs are logged even if we die."
@@ -897,6 +898,7 @@ class TrackingWorker:
                 _dump(self.entry / "drawer.json", dict(pid=os.getpid(), cpu_s=_cpu_s()))   # for benchmarks
             finally: os._exit(0)
         os.close(lock)
+        _background.append(pid)                       # reaped later, if this process lives on
 
     def hand_off(self, evals:dict) -> dict:
         "Background: spool complete, the worker told, and let go; it logs the runs (after this process has exited). "
