@@ -785,6 +785,9 @@ class TrackingWorker:
                                            name="promptsys-mlflow", daemon=True)
             self.pid = os.getpid()
             self.worker.start()
+            if background:                            # a process that exits first waits for its thread's runs
+                import atexit
+                atexit.register(self.worker.join, 120)
             def recv():                               # like a pipe's recv: EOFError once the thread is gone
                 while True:
                     try: return outbox.get(timeout=0.2)

@@ -69,6 +69,8 @@ def check_tracking(uri:str, # A tracking URI (as `tracking_uri` returns it)
 
 # %% ../nbs/13_registry.ipynb #c019_sp2
 import importlib, shutil
+try: import fcntl
+except ImportError: fcntl = None  # no flock (Windows): entries are not locked, one process per store is assumed
 SPOOL = "tracking-spool"
 _own: dict = {}                  # name -> threading.Event of this process's spool entries (set once they are logged)
 _local = threading.local()       # .worker: this thread logs runs (a tracking worker or an ingest): it waits for none
@@ -79,22 +81,21 @@ def spool_dir(settings:Settings) -> Path:
 
 def open_spool(settings:Settings, name:str) -> tuple[Path, int]:
     "A new spool entry `<name>`, locked by the returned file descriptor (appears only once locked)."
-    import fcntl
     d = spool_dir(settings)
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / f".{name}"                                  # dot names are never read: the lock exists before the name
     tmp.mkdir()
     fd = os.open(tmp / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    if fcntl: fcntl.flock(fd, fcntl.LOCK_EX)
     os.rename(tmp, d / name)
     _own[name] = threading.Event()
     return d / name, fd
 
 def lock_spool(entry:Path, wait:float=0.0) -> int|None:
     "A descriptor holding `entry`'s lock, or None when another live process still holds it after `wait` seconds."
-    import fcntl
     try: fd = os.open(entry / "lock", os.O_RDWR)
     except OSError: return None                           # removed meanwhile: logged by its holder
+    if not fcntl: return fd
     t0 = time.monotonic()
     while True:
         try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); return fd
@@ -158,7 +159,7 @@ def ingest_pending(settings:Settings, # Settings of the store about to be read
 _clients: dict = {}
 
 def mlflow_client(settings:Settings,
-                  pending:bool=True # First log the runs of finished evals still waiting in the spool (see below)
+                  pending:bool=True # First log the runs of finished evals still waiting in the spool (see above)
                  ):
     "An `MlflowClient` on the configured store (MLflow imported here, telemetry off; also sets MLflow's global URIs)."
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
