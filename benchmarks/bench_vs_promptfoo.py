@@ -11,6 +11,11 @@ writes to $PROMPTSYS_EVAL_PHASES): start-up (command to first request), calls (f
 tail (last answer to exit) = MLflow set-up wait + logging + exit. Also the CPU time each command used (user + sys,
 its child processes included): on a loaded machine the wall times follow it.
 
+`promptsys eval` exits once its eval is spooled ([eval] tracking = background); its MLflow worker logs the runs
+after it. The work moved, it did not vanish: for promptsys the table also gives the time until its runs are all
+FINISHED in MLflow (the spool entry removed), from the command's start and from its exit, and the CPU time
+includes the worker's (read from /proc until it exits) and the figure drawer's (it reports its own). Each round waits for the runs before the next starts.
+
     python benchmarks/bench_vs_promptfoo.py [--rows 60] [--rounds 5] [--concurrency 32] [--delay-ms 100]
         [--promptfoo DIR] [--large 1000]
 
@@ -89,6 +94,29 @@ def timed(cmd:list, env:dict, url:str, cwd:Path) -> dict:
                 t0=t0, t1=t1, last=last)
 
 
+def follow_worker(r:dict, spool:Path) -> dict:
+    "After `promptsys eval` exited: when its background worker had every run FINISHED (its spool entry gone), and "
+    "the worker's CPU time (from /proc, until it exits). A promptsys that logs before it exits: at its exit."
+    entries = list(spool.glob("*/manifest.json")) if spool.is_dir() else []
+    if not entries: return dict(r, finished=r["wall"], after_exit=0.0, worker_cpu=0.0, drawer_cpu=0.0)
+    pid, tick, cpu = json.loads(entries[0].read_text())["worker_pid"], os.sysconf("SC_CLK_TCK"), 0.0
+    def read_cpu():
+        try: f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError: return None
+        return None if f[0] == "Z" else (int(f[11]) + int(f[12])) / tick
+    drawer = 0.0                                      # the short-lived process that drew the figures, if any
+    while any(p.name[0] != "." for p in spool.iterdir()):
+        cpu = read_cpu() or cpu
+        for f in spool.glob("*/drawer.json"):
+            try: drawer = json.loads(f.read_text())["cpu_s"]
+            except (OSError, ValueError): pass
+        time.sleep(0.01)
+    done = time.time()
+    while (c := read_cpu()) is not None: cpu = c; time.sleep(0.01)
+    return dict(r, finished=done - r["t0"], after_exit=done - r["t1"], worker_cpu=cpu, drawer_cpu=drawer,
+                cpu=r["cpu"] + cpu + drawer)
+
+
 def promptsys_phases(r:dict, path:Path) -> dict:
     "Split promptsys's tail (last answer to exit) with the phase times the eval wrote."
     if not path.exists(): return dict(r, setup_wait=None, logging=None, exit=None)   # a promptsys without phases
@@ -138,11 +166,12 @@ def main(argv=None) -> int:
                       "--dataset", str(tmp / "data.jsonl"), "--no-cache"]
             pf_cmd = [str(pf_bin), "eval", "-c", str(tmp / "promptfooconfig.yaml"), "--no-cache",
                       "--max-concurrency", str(a.concurrency), "--no-progress-bar"]
-            timed(ps_cmd, env, url, tmp)                      # warm-up: the MLflow database exists from here on
+            spool = tmp / "state" / "tracking-spool"
+            follow_worker(timed(ps_cmd, env, url, tmp), spool)  # warm-up: the MLflow database exists from here on
             if have_pf: timed(pf_cmd, env, url, tmp)          # promptfoo's own database and node's file cache
             ps, pf = [], []
             for i in range(a.rounds):
-                ps.append(promptsys_phases(timed(ps_cmd, env, url, tmp), tmp / "phases.json"))
+                ps.append(follow_worker(promptsys_phases(timed(ps_cmd, env, url, tmp), tmp / "phases.json"), spool))
                 if have_pf: pf.append(timed(pf_cmd, env, url, tmp))
                 print(f"round {i + 1}: promptsys {ps[-1]['wall']:.2f} s"
                       + (f", promptfoo {pf[-1]['wall']:.2f} s" if have_pf else ""), file=sys.stderr)
@@ -150,24 +179,28 @@ def main(argv=None) -> int:
             if a.large:
                 write_rows(ROOT / "prompts/sentiment/data/sentiment.jsonl", a.large, tmp / "large.jsonl")
                 cmd = ps_cmd[:ps_cmd.index("--dataset") + 1] + [str(tmp / "large.jsonl"), "--no-cache"]
-                lr = promptsys_phases(timed(cmd, env, url, tmp), tmp / "phases.json")
+                lr = follow_worker(promptsys_phases(timed(cmd, env, url, tmp), tmp / "phases.json"), spool)
                 large = dict(rows=a.large, wall_s=round(lr["wall"], 3), calls_s=round(lr["calls"], 3),
                              ratio=round(lr["wall"] / lr["calls"], 3), target=1.25,
-                             phases={k: round(lr[k], 3) for k in ("startup", "calls", "setup_wait", "logging", "exit")})
+                             finished_s=round(lr["finished"], 3), finished_ratio=round(lr["finished"] / lr["calls"], 3),
+                             phases={k: round(lr[k], 3) for k in ("startup", "calls", "tail", "setup_wait", "logging",
+                                                                  "exit", "after_exit", "worker_cpu",
+                                                                  "drawer_cpu")})
     finally:
         stop_server(proc)
 
     def med(xs, k):
         v = [x[k] for x in xs if x.get(k) is not None]
         return round(statistics.median(v), 3) if v else None
-    keys = ("wall", "startup", "calls", "tail", "setup_wait", "logging", "exit", "cpu")
+    keys = ("wall", "startup", "calls", "tail", "setup_wait", "logging", "exit", "finished", "after_exit", "cpu",
+            "worker_cpu", "drawer_cpu")
     res = dict(benchmark="bench_vs_promptfoo", rows=a.rows, versions=versions, concurrency=a.concurrency,
                delay_ms=a.delay_ms, rounds=a.rounds, promptfoo="0.118" if have_pf else None,
                promptsys={k: med(ps, k) for k in keys},
                promptfoo_s={k: med(pf, k) for k in keys if k in pf[0]} if have_pf else None,
                ratio=round(med(ps, "wall") / med(pf, "wall"), 3) if have_pf else None, target=1.0,
                paired_ratio=round(statistics.median(x["wall"] / y["wall"] for x, y in zip(ps, pf)), 3) if have_pf else None,
-               tail_target_s=0.5, large=large, all_rounds=dict(promptsys=[round(x["wall"], 3) for x in ps],
+               tail_target_s=0.5, tail_rounds=[round(x["tail"], 3) for x in ps], large=large, all_rounds=dict(promptsys=[round(x["wall"], 3) for x in ps],
                                                                promptfoo=[round(x["wall"], 3) for x in pf]),
                machine=dict(python=platform.python_version(), cpus=os.cpu_count(),
                             loadavg_1m=round(os.getloadavg()[0], 2)),
@@ -177,7 +210,9 @@ def main(argv=None) -> int:
     print(f"{'phase (s)':<34}{'promptsys':>10}{'promptfoo':>10}")
     names = dict(wall="whole process", startup="start-up (to first request)", calls="calls (first request to last answer)",
                  tail="last answer to exit", setup_wait="  MLflow set-up wait", logging="  MLflow logging",
-                 exit="  exit (print, shut down)", cpu="CPU time (user + sys, all processes)")
+                 exit="  exit (print, shut down)", finished="runs FINISHED in MLflow (from start)",
+                 after_exit="  after the command's exit", cpu="CPU time (user + sys, all processes)",
+                 worker_cpu="  of which the MLflow worker", drawer_cpu="  of which the figure drawer")
     for k in keys:
         b = res["promptfoo_s"].get(k) if have_pf and k in res["promptfoo_s"] else None
         v = res["promptsys"][k]
@@ -186,7 +221,8 @@ def main(argv=None) -> int:
     if have_pf: print(f"{'promptsys / promptfoo':<34}{res['ratio']:>10.2f}   (median of the rounds' own ratios "
                       f"{res['paired_ratio']:.2f}; target <= 1.0)")
     if large: print(f"large: {a.large} rows × {len(versions)} versions: whole {large['wall_s']:.2f} s, calls "
-                    f"{large['calls_s']:.2f} s, ratio {large['ratio']:.2f} (target <= 1.25)  {large['phases']}")
+                    f"{large['calls_s']:.2f} s, ratio {large['ratio']:.2f} (target <= 1.25); runs FINISHED "
+                    f"{large['finished_s']:.2f} s ({large['finished_ratio']:.2f} × calls)  {large['phases']}")
     res["promptsys_root"] = a.promptsys_root if a.promptsys_root != str(ROOT) else "."
     out = ROOT / "benchmarks" / "results" / ("bench_vs_promptfoo.json" if a.promptsys_root == str(ROOT)
                                              else "bench_vs_promptfoo_other.json")

@@ -447,7 +447,8 @@ def cmd_eval(a) -> int:
     if a.dataset and not Path(a.dataset).is_file():
         raise DatasetError(f"dataset {a.dataset} is not a file", "Pass an existing .jsonl or .csv file.")
     df, evals = evaluate(a.task, parse_versions(a.versions), a.dataset, settings=s, limit=a.limit, sample=a.sample,
-                         repeats=a.repeats, cache=not a.no_cache, judge=False if a.no_judge else None, details=True)
+                         repeats=a.repeats, cache=not a.no_cache, judge=False if a.no_judge else None, details=True,
+                         tracking=s.eval.tracking)
     if phases := os.environ.get("PROMPTSYS_EVAL_PHASES"):     # benchmarks/bench_vs_promptfoo.py reads them
         Path(phases).write_text(json.dumps(df.attrs["phases"]))
     print(summary_text(df))
@@ -455,8 +456,10 @@ def cmd_eval(a) -> int:
         from promptsys.evaluation import example_rows, write_table
         print(f"# per-example results: {write_table(example_rows(evals), a.output)}")
     print(f"# MLflow: {tracking_uri(s)}  experiment {experiment_name(a.task, s)}  (promptsys ui)")
+    if (tr := df.attrs["tracking"])["mode"] == "background":      # [eval] tracking = background
+        print(f"# runs: being logged by a background process (pid {tr['worker_pid']}); promote, compare wait for them")
     code = 1 if "error_rate" in df and (df["error_rate"] > 0).any() else 0
-    if getattr(a, "program", False): exit_now(code)   # every run is written (the MLflow worker said so)
+    if getattr(a, "program", False): exit_now(code)   # every run is written, or spooled for the worker
     return code
 
 COMMANDS["eval"] = ("evaluate prompt versions on the task's dataset and log them to MLflow", configure_eval, cmd_eval)

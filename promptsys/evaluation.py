@@ -12,7 +12,8 @@ from .config import Settings, get_settings, load_settings
 from .prompts import Task, PromptVersion, OutputSchema, Scoring, load_task
 from .validation import validate_output
 from .registry import (tracking_uri, experiment_name, prompt_name, check_tracking, mlflow_client,
-                                ensure_experiment, register_version, latest_runs)
+                                ensure_experiment, register_version, latest_runs, open_spool, release_spool,
+                                read_manifest, spool_worker)
 from .metrics import percentile
 
 log = logging.getLogger("promptsys.evaluation")
@@ -22,8 +23,8 @@ __all__ = ['log', 'SCORER_COLUMNS', 'INVALID', 'SUMMARY_COLUMNS', 'FIGURES', 'TA
            'load_dataset', 'check_task', 'confusion_matrix', 'label_report', 'score', 'answer_output', 'answer',
            'token_f1', 'rouge_l', 'field_score', 'contains_score', 'judge_answer', 'mark_stale_runs',
            'confusion_figure', 'compare_figure', 'VersionEval', 'summary_frame', 'eval_figures', 'figure_png',
-           'TrackingWorker', 'judge_rows', 'evaluate', 'run_summary', 'compare', 'run_examples', 'example_score',
-           'summary_text', 'example_rows', 'write_table']
+           'ingest_spool', 'TrackingWorker', 'judge_rows', 'evaluate', 'run_summary', 'compare', 'run_examples',
+           'example_score', 'summary_text', 'example_rows', 'write_table']
 
 # %% ../nbs/16_evaluation.ipynb #c007
 @dataclass
@@ -485,13 +486,14 @@ def _tracking_setup(s:Settings, t:Task, versions:list):
     reg = {pv.number: register_version(client, prompt_name(t.name, s), pv, t, s) for pv in versions}
     return client, exp_id, reg
 
-def _start_run(setup:tuple, pv:PromptVersion, params:dict) -> str:
+def _start_run(setup:tuple, pv:PromptVersion, params:dict, spool:str="") -> str:
     from mlflow.entities import Param
     client, exp_id, reg = setup
     rv = reg[pv.number]
     tags = {"promptsys.kind": "eval", "promptsys.task": pv.task, "promptsys.version": str(pv.number),
             "promptsys.hash": pv.hash, "promptsys.pid": str(os.getpid()), "promptsys.host": socket.gethostname(),
-            "mlflow.note.content": pv.note or pv.name, "dataset_hash": params["dataset_hash"]}
+            "mlflow.note.content": pv.note or pv.name, "dataset_hash": params["dataset_hash"],
+            "promptsys.spool": spool}                 # the spool entry it is logged from (see `ingest_spool`)
     run = client.create_run(exp_id, run_name=f"{pv.name}", tags=tags)
     rid = run.info.run_id
     params = {**params, "prompt_uri": f"prompts:/{rv.name}/{rv.version}", "registry_version": rv.version}
@@ -575,48 +577,138 @@ def _cpu_s() -> float:
     t = os.times()
     return t.user + t.system
 
-def _tracking_worker(recv, send, s:Settings, t:Task, vs:list, ds:Dataset, figures:tuple):
-    "The MLflow side of an eval: set up, then one message at a time — start / finish a version's run, abort, end."
-    client, rids, evals, status = None, {}, {}, "FAILED"
+def _dump(path:Path, obj, fsync:bool=True):
+    "Write `obj` to `path` atomically (bytes as they are, JSON for a .json path, else pickled): a temporary file, "
+    "fsync'd, then renamed."
+    import pickle
+    data = (obj if isinstance(obj, bytes) else json.dumps(obj).encode() if path.suffix == ".json"
+            else pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if fsync: f.flush(); os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+def _load(path:Path):
+    import pickle
+    return pickle.loads(path.read_bytes())
+
+def _drawn(entry:Path, key, name:str, wait:float=60.0) -> bytes|None:
+    "A figure the eval's drawer process left in the spool (`fig-<version|all>-<name>`), once it is done; else None."
+    import fcntl
+    try: fd = os.open(entry / "figures.lock", os.O_RDONLY)
+    except OSError: return None                       # no drawer: the figures are drawn here
+    try:
+        t0 = time.monotonic()
+        while True:                                   # the drawer holds the lock while it lives
+            try: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB); break
+            except BlockingIOError:
+                if time.monotonic() - t0 > wait: return None
+                time.sleep(0.02)
+    finally: os.close(fd)
+    try: return (entry / f"fig-{key}-{name}").read_bytes()
+    except OSError: return None
+
+def _finish_spool(client, setup:tuple, entry:Path, t:Task, ds:Dataset, figures:tuple, evals:dict, rids:dict,
+                  drawn:set, cmp:bytes|None, done:frozenset=frozenset()):
+    "Log what is left of a spooled eval (versions not recorded yet, figures), FINISHED last, then remove the entry."
+    labels = t.output.labels
+    for n in read_manifest(entry)["versions"]:
+        if n in evals: continue
+        ev = evals[n] = _load(entry / f"v{n}.pickle")
+        if n not in rids: rids[n] = _start_run(setup, ev.version, ev.params, entry.name)
+        ev.run_id = rids[n]
+        _record_run(client, ev, ds, labels, "confusion" in figures)
+        drawn.add(n)
+    todo = {n: ev for n, ev in evals.items() if n not in done}
+    if "confusion" in figures and labels:
+        for n, ev in todo.items():
+            if n in drawn: continue
+            png = _drawn(entry, n, "confusion_matrix.png") or figure_png(
+                confusion_figure(ev.confusion, f"{ev.version.task} {ev.version.name}"))
+            _log_png(client, ev.run_id, png, "confusion_matrix.png")
+    if "comparison" in figures and todo:
+        png = cmp or _drawn(entry, "all", "versions_comparison.png") or figure_png(compare_figure(summary_frame(evals)))
+        for ev in todo.values(): _log_png(client, ev.run_id, png, "versions_comparison.png")
+    for ev in todo.values(): client.set_terminated(ev.run_id, "FINISHED")    # last: a FINISHED run has everything
+
+def _tracking_worker(recv, send, entry:Path, fd:int|None, s:Settings, t:Task, vs:list, ds:Dataset, figures:tuple):
+    "The MLflow side of an eval: set up, then one message at a time — start / finish a version's run, abort, end; "
+    "once the eval has handed its spool over (or is gone after writing it), the rest from the spool."
+    def say(msg):                                     # the eval may be gone (background, or killed)
+        try: send(msg)
+        except (OSError, ValueError): pass
+    spool_worker()
+    client, rids, evals, drawn, status = None, {}, {}, set(), "FAILED"
     try:
         t0 = time.time()
         setup = _tracking_setup(s, t, vs)
         client = setup[0]
-        send(("ready", time.time(), time.time() - t0))
+        say(("ready", time.time(), time.time() - t0))
         cmp = None                                    # the comparison figure, logged to every run at the end
-        while (msg := recv())[0] != "end":
-            if msg[0] == "start": rids[msg[1].number] = _start_run(setup, msg[1], msg[2])
+        while True:
+            try: msg = recv()
+            except (EOFError, OSError):               # the eval is gone: its runs are logged if it spooled them all
+                if read_manifest(entry) is None: raise EOFError from None
+                break
+            if msg[0] in ("end", "spooled"): break
+            if msg[0] == "start": rids[msg[1].number] = _start_run(setup, msg[1], msg[2], entry.name)
             elif msg[0] == "finish":
-                ev = evals[msg[1].version.number] = msg[1]
-                ev.run_id = rids[ev.version.number]
+                n = msg[1]
+                ev = evals[n] = _load(entry / f"v{n}.pickle")
+                ev.run_id = rids[n]
                 _record_run(client, ev, ds, t.output.labels, msg[2] and "confusion" in figures)
+                if msg[2]: drawn.add(n)
             elif msg[0] == "figure":                  # drawn by the eval process while this one was busy
                 if msg[1] is None: cmp = msg[3]
-                else: _log_png(client, rids[msg[1]], msg[3], msg[2])
+                else: _log_png(client, rids[msg[1]], msg[3], msg[2]); drawn.add(msg[1])
             elif msg[0] == "abort": status = msg[1]; raise _Abort()
-        if "comparison" in figures and evals:
-            if cmp is None: _log_comparison(client, evals)
-            else:
-                for rid in rids.values(): _log_png(client, rid, cmp, "versions_comparison.png")
-        for rid in rids.values(): client.set_terminated(rid, "FINISHED")    # last: a FINISHED run has everything
-        send(("done", rids, time.time(), _cpu_s()))
+        _finish_spool(client, setup, entry, t, ds, figures, evals, rids, drawn, cmp)
+        release_spool(entry, fd, remove=True)         # every run is FINISHED: the spool entry has done its job
+        say(("done", rids, time.time(), _cpu_s()))
         return
-    except (_Abort, EOFError): pass                   # EOFError: the eval process is gone (killed)
+    except (_Abort, EOFError): pass                   # EOFError: the eval process died before it spooled its eval
     except BaseException as e:
         err = e.to_dict() if isinstance(e, PromptsysError) else dict(
             type="TrackingError", message=f"MLflow logging failed: {type(e).__name__}: {e}", hint=None)
-        try: send(("error", err))
-        except Exception: pass
+        log.error("%s: %s", entry.name, err["message"])
+        say(("error", err))
     if client is not None: _end_runs(client, list(rids.values()), status)
-    try: send(("ended",))
-    except Exception: pass
+    release_spool(entry, fd, remove=read_manifest(entry) is None)   # a complete spool is kept: logged next time
+    say(("ended",))
 
-def _worker_process(parent_end, conn, *args):
-    "A forked child's life: ignore Ctrl-C (the eval decides), work, flush, and leave without the slow shutdown."
+def ingest_spool(entry:Path):
+    "Log an eval's runs from its spool entry, whose worker died (`registry.ingest_pending` calls it, under the lock): "
+    "runs it finished are kept, the others are ended KILLED (tagged `promptsys.superseded`) and logged afresh."
+    d = _load(entry / "eval.pickle")
+    s, t, vs, ds, figures = d["settings"], d["task"], d["versions"], d["dataset"], d["figures"]
+    setup = _tracking_setup(s, t, vs)
+    client, evals, rids, done = setup[0], {}, {}, set()
+    for r in client.search_runs([setup[1]], f"tags.`promptsys.spool` = '{entry.name}'", max_results=1000):
+        n, rid = int(r.data.tags["promptsys.version"]), r.info.run_id
+        if r.info.status == "FINISHED" and n not in done:
+            ev = evals[n] = _load(entry / f"v{n}.pickle")
+            ev.run_id = rids[n] = rid
+            done.add(n)
+        else:
+            if r.info.status == "RUNNING": client.set_terminated(rid, "KILLED")
+            client.set_tag(rid, "promptsys.superseded", "true")
+    log.warning("logging the runs of %s (its worker stopped before it finished)", entry.name)
+    _finish_spool(client, setup, entry, t, ds, figures, evals, rids, set(done), None, frozenset(done))
+    release_spool(entry, None, remove=True)
+    return rids
+
+def _worker_process(parent_end, conn, detach:bool, entry:Path, *args):
+    "A forked child's life: ignore Ctrl-C (the eval decides), work, flush, and leave without the slow shutdown. "
+    "`detach` (background): its own session, and no tie to the eval's terminal or output pipes (a log file instead)."
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent_end.close()                                # so a dead eval process is an EOF here
-    try: _tracking_worker(conn.recv, conn.send, *args)
+    if detach:
+        os.setsid()
+        null, out = os.open(os.devnull, os.O_RDONLY), os.open(entry / "worker.log", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.dup2(null, 0); os.dup2(out, 1); os.dup2(out, 2); os.close(null); os.close(out)
+    try: _tracking_worker(conn.recv, conn.send, entry, *args)
     finally:
         logging.shutdown()
         os._exit(0)                                   # every write is committed: nothing left to wait for
@@ -641,6 +733,7 @@ def _run_params(pipe, s:Settings, ds:Dataset, repeats:int, concurrency:int|None,
 
 # %% ../nbs/16_evaluation.ipynb #c048_tw
 import sys
+_background: list = []                                # pids of forked workers left to log on their own (reaped later)
 
 def _preload(figures:tuple):
     "Import what the end of an eval needs (pandas; matplotlib for figures) in the background while calls still run."
@@ -648,24 +741,41 @@ def _preload(figures:tuple):
     def go():
         import pandas
         if figures: import matplotlib.figure, matplotlib.backends.backend_agg
-    threading.Thread(target=go, name="promptsys-preload", daemon=True).start()
+    th = threading.Thread(target=go, name="promptsys-preload", daemon=True)
+    th.start()
+    return th
 
 class TrackingWorker:
     "An eval's MLflow worker: a forked child process when MLflow is not imported yet (its import, store set-up and "
-    "logging run beside the calls), else a thread."
-    def __init__(self, s:Settings, t:Task, vs:list, ds:Dataset, figures:tuple=FIGURES):
+    "logging run beside the calls), else a thread. `background`: it finishes the runs after the eval has returned."
+    def __init__(self, s:Settings, t:Task, vs:list, ds:Dataset, figures:tuple=FIGURES, background:bool=False):
         self.ready_at = self.setup_s = self.logged_at = self.worker_cpu_s = None
-        self.task, self.figures, self.undrawn = t, figures, []
-        args = (s, t, vs, ds, figures)
+        self.task, self.figures, self.undrawn, self.background, self._preloader = t, figures, [], background, None
+        for pid in list(_background):                 # earlier background workers of this process that are done
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]: _background.remove(pid)
+            except ChildProcessError: _background.remove(pid)
+        self.entry, self._fd = open_spool(s, f"{time.strftime('%Y%m%dT%H%M%S')}-{t.name}-{os.getpid()}-"
+                                             f"{random.randrange(16**6):06x}")
+        _dump(self.entry / "eval.pickle", dict(settings=s, task=t, versions=vs, dataset=ds, figures=figures))
+        self.manifest = dict(ingest="promptsys.evaluation:ingest_spool", tracking_uri=tracking_uri(s), task=t.name,
+                             experiment=experiment_name(t.name, s), versions=[pv.number for pv in vs],
+                             eval_pid=os.getpid())
+        args = (self.entry, self._fd, s, t, vs, ds, figures)
         self.forked = hasattr(os, "fork") and "mlflow" not in sys.modules
         if self.forked:
-            import gc, multiprocessing as mp
-            ctx = mp.get_context("fork")
-            self._conn, child = ctx.Pipe()
-            self.worker = ctx.Process(target=_worker_process, args=(self._conn, child, *args), name="promptsys-mlflow")
+            import gc
+            from multiprocessing import Pipe
+            self._conn, child = Pipe()
             gc.freeze()                               # the child never collects (and finalises) the parent's objects
-            try: self.worker.start()
-            finally: gc.unfreeze()
+            pid = None
+            try: pid = os.fork()
+            finally:
+                if pid != 0: gc.unfreeze()
+            if pid == 0:
+                try: _worker_process(self._conn, child, background, *args)
+                finally: os._exit(1)
+            self.pid = pid
             child.close()
             self._send, self._recv, self._poll = self._conn.send, self._conn.recv, self._conn.poll
         else:
@@ -673,13 +783,29 @@ class TrackingWorker:
             inbox, outbox = queue.Queue(), queue.Queue()
             self.worker = threading.Thread(target=_tracking_worker, args=(inbox.get, outbox.put, *args),
                                            name="promptsys-mlflow", daemon=True)
+            self.pid = os.getpid()
             self.worker.start()
+            if background:                            # a process that exits first waits for its thread's runs
+                import atexit
+                atexit.register(self.worker.join, 120)
             def recv():                               # like a pipe's recv: EOFError once the thread is gone
                 while True:
                     try: return outbox.get(timeout=0.2)
                     except queue.Empty:
                         if not self.worker.is_alive() and outbox.empty(): raise EOFError from None
             self._send, self._recv, self._poll = inbox.put, recv, lambda: not outbox.empty()
+        self.manifest["worker_pid"] = self.pid
+
+    def _join(self, timeout:float|None=None):
+        if not self.forked: self.worker.join(timeout); return
+        t0 = time.monotonic()
+        while True:
+            try:
+                if os.waitpid(self.pid, 0 if timeout is None else os.WNOHANG)[0]: break
+            except ChildProcessError: break
+            if time.monotonic() - t0 > timeout: break
+            time.sleep(0.02)
+        if self.forked: release_spool(self.entry, self._fd)          # this process's hold on the entry ends here
 
     def _next(self):
         try: msg = self._recv()
@@ -706,12 +832,23 @@ class TrackingWorker:
 
     def start(self, pv:PromptVersion, params:dict): self.check(); self._send(("start", pv, params))
     def finish(self, ev:VersionEval, last:bool=False):
-        "Log `ev`'s run now; the worker draws its figure if set up and more calls follow, else `end` does."
+        "Spool `ev` (durably) and have its run logged now; the worker draws its figure if set up and more calls "
+        "follow, else at the end (`end` draws it here, while waiting, unless the worker finishes in the background)."
         self.check()
-        here = self.ready_at is None or last
-        self._send(("finish", ev, not here))
-        if here: self.undrawn.append(ev)
-        if not last and "pandas" not in sys.modules: _preload(self.figures)
+        _dump(self.entry / f"v{ev.version.number}.pickle", ev)
+        now = self.ready_at is not None and not last
+        self._send(("finish", ev.version.number, now))
+        if not now: self.undrawn.append(ev)
+        if not last and "pandas" not in sys.modules:   # background, worker not ready (a short eval): matplotlib
+            slack = not self.background or self.ready_at is not None     # only in the drawer (`_draw_apart`)
+            self._preloader = _preload(self.figures if slack else ())
+
+    def _spooled(self):
+        "Mark the spool complete (its manifest, written last): from here on the runs are logged even if we die."
+        _dump(self.entry / "manifest.json", {**self.manifest, "spooled_at": time.time()})
+        dfd = os.open(self.entry, os.O_RDONLY)        # the entry's renames, durable
+        try: os.fsync(dfd)
+        finally: os.close(dfd)
 
     def _draw_here(self, evals:dict):
         "The figures the worker has no time for (still setting up, or logging the last run), drawn here as PNG."
@@ -726,19 +863,66 @@ class TrackingWorker:
         "Finish every run (figures, then FINISHED); {version: run id} once all is written."
         try:
             self.check()
+            self._spooled()
             self._draw_here(evals)
             self._send(("end",))
         except OSError: pass                          # the worker is gone: its error (or EOF) is read below
         while (msg := self._next())[0] != "done": pass
         self.logged_at, self.worker_cpu_s = msg[2], msg[3] if self.forked else None
-        self.worker.join()
+        self._join()
         return msg[1]
+
+    def _draw_apart(self, evals:dict):
+        "The figures the worker has not drawn, drawn by a short-lived child process into the spool (`fig-*.png`) "
+        "while the worker is still setting up, and this process exits: neither waits for matplotlib."
+        import fcntl, gc
+        todo = [(ev.version.number, "confusion_matrix.png", ev) for ev in self.undrawn
+                if "confusion" in self.figures and self.task.output.labels]
+        todo += [("all", "versions_comparison.png", None)] if "comparison" in self.figures and evals else []
+        if not todo or not self.forked: return        # (a thread worker draws them itself: this process lives on)
+        if self._preloader: self._preloader.join()    # no import half done in the child (the summary needs pandas)
+        lock = os.open(self.entry / "figures.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(lock, fcntl.LOCK_EX)              # held by the drawer while it lives (the worker waits for it)
+        gc.freeze()
+        pid = None
+        try: pid = os.fork()
+        finally:
+            if pid != 0: gc.unfreeze()
+        if pid == 0:
+            try:
+                os.setsid()
+                null = os.open(os.devnull, os.O_RDWR)
+                for i in (0, 1, 2): os.dup2(null, i)  # none of the command's pipes
+                os.close(self._fd); self._conn.close()
+                for key, name, ev in todo:
+                    fig = (confusion_figure(ev.confusion, f"{ev.version.task} {ev.version.name}") if ev
+                           else compare_figure(summary_frame(evals)))
+                    _dump(self.entry / f"fig-{key}-{name}", figure_png(fig), fsync=False)
+                _dump(self.entry / "drawer.json", dict(pid=os.getpid(), cpu_s=_cpu_s()))   # for benchmarks
+            finally: os._exit(0)
+        os.close(lock)
+        _background.append(pid)                       # reaped later, if this process lives on
+
+    def hand_off(self, evals:dict) -> dict:
+        "Background: spool complete, the worker told, and let go; it logs the runs (after this process has exited). "
+        "Where to watch them: {spool, worker_pid}."
+        self.check()
+        self._spooled()
+        try: self._draw_apart(evals)
+        except OSError as e: log.debug("no drawer process (%s): the worker draws the figures", e)
+        try: self._send(("spooled",))
+        except OSError: pass                          # gone: the next command that reads runs logs them
+        if self.forked:
+            self._conn.close()
+            _background.append(self.pid)
+            release_spool(self.entry, self._fd)       # the worker holds the lock alone now
+        return dict(spool=str(self.entry), worker_pid=self.pid)
 
     def abort(self, status:str):
         "End the runs as `status` (KILLED / FAILED) and wait until they are."
         try: self._send(("abort", status)); self._wait("ended")
         except (OSError, ValueError): pass
-        self.worker.join(10)
+        self._join(10)
 
 # %% ../nbs/16_evaluation.ipynb #c049_d68
 from .pipeline import judge_pipeline   # made there: live answers are judged by the same pipeline
@@ -772,6 +956,8 @@ def evaluate(task:str|Task, # A task name or a loaded `Task`
              cache:bool=True, # Use the response cache (resumable evals)
              judge:bool|None=None, # Run the task's [scoring.judge] (default: when it declares one)
              track:bool=True, # Log to MLflow
+             tracking:str="wait", # "wait": return once every run is written | "background": once the eval is
+                                  # spooled (its worker logs the runs, even after this process has exited)
              progress:bool=True,
              details:bool=False # Also return {version: VersionEval}
             ):
@@ -787,8 +973,10 @@ def evaluate(task:str|Task, # A task name or a loaded `Task`
     ds = ds.sample(sample) if sample else ds.head(limit)
     vs = [t.version(v) for v in (versions or list(t.versions))]
     repeats = max(1, repeats or s.eval.repeats)
+    if tracking not in ("wait", "background"):
+        raise ConfigError(f"tracking={tracking!r}", "Use wait (return once the runs are written) or background.")
     if track: check_tracking(tracking_uri(s))
-    tw = TrackingWorker(s, t, vs, ds, eval_figures(s)) if track else None     # from the first moment
+    tw = TrackingWorker(s, t, vs, ds, eval_figures(s), tracking == "background") if track else None   # from the start
     evals, pool = {}, None
     try:
         jpipe = judge_pipeline(t, s, provider, cache) if t.scoring.judge and judge is not False else None
@@ -808,7 +996,8 @@ def evaluate(task:str|Task, # A task name or a loaded `Task`
             if tw: tw.finish(ev, last=pv is vs[-1])  # logged now, while the next version runs
         phases["calls_done"] = time.time()
         if pool: pool.shutdown(wait=True)
-        if tw:
+        handed = tw.hand_off(evals) if tw and tw.background else {}
+        if tw and not tw.background:
             for n, rid in tw.end(evals).items(): evals[n].run_id = rid
         phases["logged"] = time.time()
     except BaseException as e:
@@ -818,7 +1007,8 @@ def evaluate(task:str|Task, # A task name or a loaded `Task`
     summary = summary_frame(evals)
     phases.update(tracking_ready=tw and tw.ready_at, tracking_setup_s=tw and tw.setup_s, summary=time.time(),
                   cpu_s=_cpu_s(), worker_cpu_s=tw and tw.worker_cpu_s)
-    summary.attrs.update(task=t.name, dataset_hash=ds.hash, dataset=str(ds.path), phases=phases)
+    summary.attrs.update(task=t.name, dataset_hash=ds.hash, dataset=str(ds.path), phases=phases,
+                         tracking=dict(mode=tracking if track else "off", **handed))
     return (summary, evals) if details else summary
 
 # %% ../nbs/16_evaluation.ipynb #c059
@@ -871,7 +1061,8 @@ def summary_text(summary) -> str:
     "The summary DataFrame as the `eval` command prints it."
     import pandas as pd
     with pd.option_context("display.width", 200, "display.max_columns", 30):
-        return summary.drop(columns=["hash"]).round(4).to_string()
+        none = ["run_id"] if "run_id" in summary and summary.run_id.isna().all() else []   # logged in the background
+        return summary.drop(columns=["hash", *none]).round(4).to_string()
 
 # %% ../nbs/16_evaluation.ipynb #c075_2
 TABLE_FORMATS = (".csv", ".jsonl", ".parquet")

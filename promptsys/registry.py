@@ -17,12 +17,13 @@ from .validation import json_schema
 log = logging.getLogger("promptsys.registry")
 
 # %% auto #0
-__all__ = ['log', 'ALIASES', 'ROLLOUT_TAG', 'tracking_uri', 'experiment_name', 'prompt_name', 'check_tracking', 'mlflow_client',
-           'ensure_experiment', 'mlflow_ui_command', 'parse_versions', 'registry_versions', 'model_config',
-           'register_version', 'latest_runs', 'task_experiment', 'current_alias', 'alias_number', 'utc_now',
-           'aliases_path', 'read_aliases', 'write_aliases', 'sync_aliases', 'clear_alias_cache', 'resolve_alias',
-           'Live', 'read_rollout_file', 'read_rollout', 'set_rollout', 'resolve_live', 'follow_seconds', 'LiveVersions',
-           'same_live', 'live_versions', 'wake_live', 'stop_live']
+__all__ = ['log', 'STORE_SCHEMES', 'SPOOL', 'ALIASES', 'ROLLOUT_TAG', 'tracking_uri', 'experiment_name', 'prompt_name',
+           'check_tracking', 'spool_dir', 'open_spool', 'lock_spool', 'release_spool', 'spool_worker', 'read_manifest',
+           'ingest_pending', 'mlflow_client', 'ensure_experiment', 'mlflow_ui_command', 'parse_versions',
+           'registry_versions', 'model_config', 'register_version', 'latest_runs', 'task_experiment', 'current_alias',
+           'alias_number', 'utc_now', 'aliases_path', 'read_aliases', 'write_aliases', 'sync_aliases',
+           'clear_alias_cache', 'resolve_alias', 'Live', 'read_rollout_file', 'read_rollout', 'set_rollout',
+           'resolve_live', 'follow_seconds', 'LiveVersions', 'same_live', 'live_versions', 'wake_live', 'stop_live']
 
 # %% ../nbs/13_registry.ipynb #c007
 def tracking_uri(settings:Settings) -> str:
@@ -42,10 +43,19 @@ def prompt_name(task:str, settings:Settings) -> str:
     return experiment_name(task, settings)
 
 # %% ../nbs/13_registry.ipynb #c014
+STORE_SCHEMES = {"", "file", "databricks", "databricks-uc", "uc", "http", "https", "sqlite", "postgresql", "mysql",
+                 "mssql"}   # MLflow's own tracking stores (plugins add theirs as `mlflow.tracking_store` entry points)
+
 def check_tracking(uri:str, # A tracking URI (as `tracking_uri` returns it)
                    timeout:float=2.0 # Seconds to wait for a tracking server's port
                   ):
     "Raise `TrackingError` fast when the tracking store cannot be reached (instead of MLflow's long retries)."
+    scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else ""
+    if scheme not in STORE_SCHEMES and len(scheme) > 1:   # (one letter: a Windows drive)
+        from importlib.metadata import entry_points     # a plugin's scheme (MLflow itself is not imported here)
+        if scheme not in {e.name for e in entry_points(group="mlflow.tracking_store")}:
+            raise TrackingError(f"tracking store {uri}: MLflow has no store for {scheme}:// URIs",
+                                "Use sqlite:///path/mlflow.db, http(s)://host:port, file:/path or a database URL.")
     if uri.startswith("sqlite:///"):
         p = Path(uri[len("sqlite:///"):])
         if not p.parent.is_dir(): raise TrackingError(f"tracking store {uri}: folder {p.parent} does not exist")
@@ -57,10 +67,100 @@ def check_tracking(uri:str, # A tracking URI (as `tracking_uri` returns it)
         try: socket.create_connection((u.hostname, port), timeout=timeout).close()
         except OSError as e: raise TrackingError(f"tracking server {uri} is unreachable: {e}") from None
 
+# %% ../nbs/13_registry.ipynb #c019_sp2
+import importlib, shutil
+try: import fcntl
+except ImportError: fcntl = None  # no flock (Windows): entries are not locked, one process per store is assumed
+SPOOL = "tracking-spool"
+_own: dict = {}                  # name -> threading.Event of this process's spool entries (set once they are logged)
+_local = threading.local()       # .worker: this thread logs runs (a tracking worker or an ingest): it waits for none
+
+def spool_dir(settings:Settings) -> Path:
+    "Where evals leave their runs for MLflow: `<state_dir>/tracking-spool`."
+    return Path(settings.promptsys.state_dir) / SPOOL
+
+def open_spool(settings:Settings, name:str) -> tuple[Path, int]:
+    "A new spool entry `<name>`, locked by the returned file descriptor (appears only once locked)."
+    d = spool_dir(settings)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{name}"                                  # dot names are never read: the lock exists before the name
+    tmp.mkdir()
+    fd = os.open(tmp / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    if fcntl: fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(tmp, d / name)
+    _own[name] = threading.Event()
+    return d / name, fd
+
+def lock_spool(entry:Path, wait:float=0.0) -> int|None:
+    "A descriptor holding `entry`'s lock, or None when another live process still holds it after `wait` seconds."
+    try: fd = os.open(entry / "lock", os.O_RDWR)
+    except OSError: return None                           # removed meanwhile: logged by its holder
+    if not fcntl: return fd
+    t0 = time.monotonic()
+    while True:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); return fd
+        except BlockingIOError:
+            if time.monotonic() - t0 >= wait: os.close(fd); return None
+            time.sleep(0.05)
+
+def release_spool(entry:Path, fd:int|None, remove:bool=False):
+    "Let go of an entry (removed first when `remove`: its runs are all written)."
+    if remove: shutil.rmtree(entry, ignore_errors=True)
+    if fd is not None: os.close(fd)
+    if ev := _own.pop(entry.name, None): ev.set()
+
+def spool_worker():
+    "Mark this thread as one that logs runs (an eval's MLflow worker): it never waits for another's spool entry."
+    _local.worker = True
+
+def read_manifest(entry:Path) -> dict|None:
+    "An entry's manifest (None: its eval has not finished answering, or the entry is gone)."
+    try: return json.loads((entry / "manifest.json").read_text())
+    except (OSError, ValueError): return None
+
+# %% ../nbs/13_registry.ipynb #c019_sp3
+def ingest_pending(settings:Settings, # Settings of the store about to be read
+                   wait:float=120.0 # Seconds to wait for a live worker that is logging an entry
+                  ) -> list[str]:
+    "Log the runs of every pending spool entry of this store (see above); the names of the entries logged here."
+    if getattr(_local, "busy", False): return []          # inside an ingest already
+    try: entries = sorted(p for p in spool_dir(settings).iterdir() if not p.name.startswith("."))
+    except OSError: return []
+    uri, worker, done = tracking_uri(settings), getattr(_local, "worker", False), []
+    for e in entries:
+        m = read_manifest(e)
+        if m is not None and m.get("tracking_uri") != uri: continue       # another store's runs
+        if e.name in _own:                                # this process's own eval: a thread here logs it
+            if m is not None and not worker and not _own[e.name].wait(wait): log.warning("%s: not logged yet", e.name)
+            continue
+        if m is not None and not worker: log.info("waiting for the runs of %s (logged by another process)", e.name)
+        fd = lock_spool(e, wait if m is not None and not worker else 0)
+        if fd is None:
+            if m is not None and not worker: log.warning("%s: its runs are still being logged elsewhere", e.name)
+            continue
+        try:
+            m = read_manifest(e)
+            if m is None:                                 # its eval died before every answer was in: nothing to log
+                if e.is_dir(): release_spool(e, None, remove=True)
+                continue
+            _local.busy = True
+            mod, fn = m["ingest"].split(":")
+            getattr(importlib.import_module(mod), fn)(e)  # the layer that wrote the entry logs it (and removes it)
+            done.append(e.name)
+        except Exception as err:
+            log.warning("could not log the pending runs of %s (kept, tried again next time): %s: %s",
+                        e, type(err).__name__, err)
+        finally:
+            _local.busy = False
+            os.close(fd)
+    return done
+
 # %% ../nbs/13_registry.ipynb #c017
 _clients: dict = {}
 
-def mlflow_client(settings:Settings):
+def mlflow_client(settings:Settings,
+                  pending:bool=True # First log the runs of finished evals still waiting in the spool (see above)
+                 ):
     "An `MlflowClient` on the configured store (MLflow imported here, telemetry off; also sets MLflow's global URIs)."
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -73,6 +173,7 @@ def mlflow_client(settings:Settings):
     # some MLflow calls (prompt links, tables) go through the global store: keep it on ours
     mlflow.set_tracking_uri(uri); mlflow.set_registry_uri(uri)
     if uri not in _clients: _clients[uri] = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if pending: ingest_pending(settings)
     return _clients[uri]
 
 # %% ../nbs/13_registry.ipynb #c020
@@ -264,7 +365,7 @@ def _resolve_mlflow(task:Task, alias:str, s:Settings, uri:str) -> PromptVersion:
     "The alias's version from the registry; aliases.json updated when it changed."
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise TrackingError(f"tracking store {uri} does not exist")
-    rv = current_alias(mlflow_client(s), task, alias, s)
+    rv = current_alias(mlflow_client(s, pending=False), task, alias, s)   # no runs read
     if rv is None:
         raise PromptNotFound(f"{task.name} has no {alias!r} alias in the MLflow prompt registry",
                              f"Promote a version first: `promptsys promote {task.name}`" if alias == "production"
@@ -342,7 +443,7 @@ def _live_mlflow(task:Task, s:Settings) -> Live:
     uri = tracking_uri(s)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         raise TrackingError(f"tracking store {uri} does not exist")
-    client = mlflow_client(s)
+    client = mlflow_client(s, pending=False)        # aliases only: never waits for pending runs
     rvs = _registry_aliases(client, task, s)
     versions = {a: _local_version(task, int(rv.tags.get("version", 0)), rv.tags.get("hash", ""), rv.template)
                 for a, rv in rvs.items()}

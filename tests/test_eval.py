@@ -276,41 +276,78 @@ def _gone(pgid: int, timeout: float = 60) -> bool:
 
 def _finished(db: Path) -> set:
     import sqlite3
+    if not db.exists(): return set()                          # the first eval's worker has not created it yet
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try: return {r[0] for r in con.execute("SELECT run_uuid FROM runs WHERE status = 'FINISHED'")}
+    except sqlite3.OperationalError: return set()             # its schema is still being created
     finally: con.close()
+
+
+def _children(pid: int) -> list:
+    try: return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError: return []
+
+
+def _alive(pid: int) -> bool:
+    "Running (not exited, not a zombie waiting for its reaper)."
+    try: st = Path(f"/proc/{pid}/stat").read_text()
+    except OSError: return False
+    return st.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _wait_gone(pids, timeout: float = 60) -> bool:
+    t0 = time.monotonic()
+    while any(_alive(p) for p in pids):
+        if time.monotonic() - t0 > timeout: return False
+        time.sleep(0.05)
+    return True
 
 
 def test_kill_9_at_any_moment_leaves_no_finished_run_incomplete(env, tmp_path):
     "SIGKILL a real `promptsys eval` (3 versions) at moments spread over its life — and at the moment its first run "
-    "turns FINISHED; the eval process alone, or it and its MLflow worker together. No FINISHED run lacks anything, "
-    "and the next eval leaves no run RUNNING."
+    "turns FINISHED (in its MLflow worker, which outlives the command: [eval] tracking = background); the eval "
+    "process alone, or it and its worker together. No FINISHED run lacks anything, and the next eval leaves no run "
+    "RUNNING and no spool entry behind."
     import signal
     from tests.fakeserver import control
     db = tmp_path / "mlflow.db"
-    ov = {**env["ov"], "mlflow.tracking_uri": f"sqlite:///{db}", "cache.enabled": "false", "eval.concurrency": "2"}
+    ov = {**env["ov"], "mlflow.tracking_uri": f"sqlite:///{db}", "cache.enabled": "false", "eval.concurrency": "2",
+          "promptsys.state_dir": str(tmp_path / "state")}
     sets = [x for k, v in ov.items() for x in ("--set", f"{k}={v}")]
     cmd = [sys.executable, "-m", "promptsys.cli", *sets, "eval", "sentiment", "--versions", "1,2,3"]
     envp = {**os.environ, "PYTHONPATH": str(ROOT)}
     control(env["url"], delay_ms=60)
+    lingering = []
     try:
         t0 = time.monotonic()
         subprocess.run(cmd, cwd=tmp_path, env=envp, capture_output=True, check=True)
         whole = time.monotonic() - t0                        # one eval from start to exit: the kills spread over it
-        for i, when in enumerate((0.3, 0.7, "first FINISHED", 0.95)):
+        for i, when in enumerate((0.3, "first FINISHED", 0.7, 0.95)):
             before = _finished(db)
             p = subprocess.Popen(cmd, cwd=tmp_path, env=envp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                  start_new_session=True)
-            if isinstance(when, float): time.sleep(whole * when)
+            workers = []
+            def watch():                                      # the eval's MLflow worker, once it is forked
+                workers.extend(c for c in _children(p.pid) if c not in workers)
+            t1 = time.monotonic()
+            if isinstance(when, float):
+                while time.monotonic() - t1 < whole * when and p.poll() is None: watch(); time.sleep(0.005)
             else:                                             # the moment a run of this eval is marked FINISHED
-                while not _finished(db) - before and p.poll() is None: time.sleep(0.005)
-            if i % 2: os.killpg(p.pid, signal.SIGKILL)        # the eval and its worker at once
+                while not _finished(db) - before and (p.poll() is None or any(map(_alive, workers))):
+                    if p.poll() is None: watch()
+                    time.sleep(0.005)
+            if i % 2:                                         # the eval and its worker at once
+                for pid in [p.pid, *workers]:
+                    try: os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError: pass
             else: os.kill(p.pid, signal.SIGKILL)              # the eval alone: its worker sees it gone
             p.wait()
             assert _gone(p.pid)
+            lingering += workers
+        assert _wait_gone(lingering)                          # the workers of evals killed alone have ended
     finally: control(env["url"], delay_ms=0)
     s = load_settings(ROOT / "settings.ini", overrides=ov, env={})
-    client = registry.mlflow_client(s)
+    client = registry.mlflow_client(s, pending=False)
     exp_id = client.get_experiment_by_name("t-sentiment").experiment_id
     runs = client.search_runs([exp_id], max_results=1000)
     finished = [r for r in runs if r.info.status == "FINISHED"]
@@ -318,4 +355,113 @@ def test_kill_9_at_any_moment_leaves_no_finished_run_incomplete(env, tmp_path):
     pe.evaluate("sentiment", [1], settings=s, progress=False, limit=2)     # the next start
     left = [r.info.run_id for r in client.search_runs([exp_id], "attributes.status = 'RUNNING'")]
     assert left == []
-    assert {r.info.status for r in client.search_runs([exp_id], max_results=1000)} <= {"FINISHED", "KILLED", "FAILED"}
+    runs = client.search_runs([exp_id], max_results=1000)
+    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED", "FAILED"}
+    assert all(_complete(client, r) for r in runs if r.info.status == "FINISHED")
+    assert list((tmp_path / "state" / "tracking-spool").iterdir()) == []
+
+
+# -- issue 17: the command exits once its eval is spooled; the worker logs the runs after it ------------------------
+
+def _cli_env(env, tmp_path):
+    db = tmp_path / "mlflow.db"
+    ov = {**env["ov"], "mlflow.tracking_uri": f"sqlite:///{db}", "cache.enabled": "false",
+          "promptsys.state_dir": str(tmp_path / "state")}
+    sets = [x for k, v in ov.items() for x in ("--set", f"{k}={v}")]
+    return db, ov, [sys.executable, "-m", "promptsys.cli", *sets], {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _eval_runs(db: Path) -> list:
+    "(run id, status, version, dataset_rows, superseded) of every run in the store."
+    import sqlite3
+    if not db.exists(): return []
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        q = """SELECT r.run_uuid, r.status, v.value, n.value, (SELECT value FROM tags WHERE run_uuid = r.run_uuid
+               AND key = 'promptsys.superseded') FROM runs r LEFT JOIN params v ON v.run_uuid = r.run_uuid
+               AND v.key = 'version' LEFT JOIN params n ON n.run_uuid = r.run_uuid AND n.key = 'dataset_rows'"""
+        return con.execute(q).fetchall()
+    except sqlite3.OperationalError: return []                # the schema is still being created
+    finally: con.close()
+
+
+def test_eval_command_exits_before_its_runs_are_logged(env, tmp_path):
+    "`promptsys eval` exits once its eval is durably spooled: its output pipes close at its exit (the worker holds "
+    "none of them), the spool entry is there right after, its worker is in a session of its own, and the runs "
+    "appear FINISHED and complete afterwards, the entry removed."
+    db, ov, cli, envp = _cli_env(env, tmp_path)
+    r = subprocess.run([*cli, "eval", "sentiment", "--versions", "1,2,3"], cwd=tmp_path, env=envp,
+                       capture_output=True, text=True, timeout=120)
+    exited = time.monotonic()
+    assert r.returncode == 0, r.stderr[-2000:]
+    spool = tmp_path / "state" / "tracking-spool"
+    entries = list(spool.iterdir())
+    assert len(entries) == 1 and (entries[0] / "manifest.json").is_file()       # handed over, not logged yet
+    m = json.loads((entries[0] / "manifest.json").read_text())
+    assert m["versions"] == [1, 2, 3] and os.getsid(m["worker_pid"]) == m["worker_pid"]
+    assert f"background process (pid {m['worker_pid']})" in r.stdout and "run_id" not in r.stdout
+    assert [x for x in _eval_runs(db) if x[1] == "FINISHED"] == []
+    while (list(spool.iterdir()) or _alive(m["worker_pid"])) and time.monotonic() - exited < 90: time.sleep(0.05)
+    assert list(spool.iterdir()) == [] and not _alive(m["worker_pid"])
+    s = load_settings(ROOT / "settings.ini", overrides=ov, env={})
+    client = registry.mlflow_client(s)
+    runs = client.search_runs([client.get_experiment_by_name("t-sentiment").experiment_id])
+    assert sorted(r.data.params["version"] for r in runs) == ["1", "2", "3"]
+    assert all(r.info.status == "FINISHED" and _complete(client, r) for r in runs)
+
+
+def test_eval_command_waits_for_its_runs_with_tracking_wait(env, tmp_path):
+    "`[eval] tracking = wait`: the command returns once every run is FINISHED, and prints their ids."
+    db, ov, cli, envp = _cli_env(env, tmp_path)
+    r = subprocess.run([*cli, "--set", "eval.tracking=wait", "eval", "sentiment", "--versions", "1,2"], cwd=tmp_path,
+                       env=envp, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = _eval_runs(db)
+    assert sorted(x[2] for x in runs) == ["1", "2"] and {x[1] for x in runs} == {"FINISHED"}
+    assert "run_id" in r.stdout and all(x[0] in r.stdout for x in runs) and "background" not in r.stdout
+    assert list((tmp_path / "state" / "tracking-spool").iterdir()) == []
+
+
+@pytest.mark.parametrize("when,then", [("at once", "promote"), ("runs started", "eval")])
+def test_a_killed_background_worker_loses_no_run(env, tmp_path, when, then):
+    "kill -9 the worker an eval left behind — right after the command exits, or once it has started the runs — and "
+    "the next command that reads runs (`promote`, or a second eval) logs every run from the spool: each version's "
+    "latest run FINISHED and complete, the dead worker's runs KILLED and marked superseded, the spool empty."
+    import signal
+    db, ov, cli, envp = _cli_env(env, tmp_path)
+    r = subprocess.run([*cli, "eval", "sentiment", "--versions", "1,2,3"], cwd=tmp_path, env=envp,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    spool = tmp_path / "state" / "tracking-spool"
+    [entry] = list(spool.iterdir())
+    worker = json.loads((entry / "manifest.json").read_text())["worker_pid"]
+    t0 = time.monotonic()
+    while when == "runs started" and time.monotonic() - t0 < 60:
+        if [x for x in _eval_runs(db) if x[1] == "RUNNING"]: break
+        time.sleep(0.005)
+    os.kill(worker, signal.SIGKILL)
+    assert _wait_gone([worker])
+    assert (entry / "manifest.json").is_file()                 # nothing logged is lost: the spool is still there
+    if when == "runs started": assert [x for x in _eval_runs(db) if x[1] == "RUNNING"]
+    if then == "promote":
+        r = subprocess.run([*cli, "promote", "sentiment", "--dry-run"], cwd=tmp_path, env=envp, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0 and "would promote" in r.stdout, r.stdout + r.stderr[-2000:]
+    else:
+        r = subprocess.run([*cli, "eval", "sentiment", "--versions", "1", "--limit", "2"], cwd=tmp_path, env=envp,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        t0 = time.monotonic()
+        while list(spool.iterdir()) and time.monotonic() - t0 < 90: time.sleep(0.05)
+    assert list(spool.iterdir()) == []
+    s = load_settings(ROOT / "settings.ini", overrides=ov, env={})
+    client = registry.mlflow_client(s)
+    runs = client.search_runs([client.get_experiment_by_name("t-sentiment").experiment_id], max_results=1000)
+    full = [r for r in runs if r.data.params.get("dataset_rows") == str(N)]
+    done = [r for r in full if r.info.status == "FINISHED"]
+    assert sorted(r.data.params["version"] for r in done) == ["1", "2", "3"] and all(_complete(client, r) for r in done)
+    rest = [r for r in full if r.info.status != "FINISHED"]
+    superseded = [r for r in runs if r.data.tags.get("promptsys.superseded") == "true"]     # the dead worker's
+    assert all(r in superseded for r in rest) and all(r.info.status == "KILLED" for r in superseded)
+    if when == "runs started": assert superseded
+    assert not [r for r in runs if r.info.status == "RUNNING"]
