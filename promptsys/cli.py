@@ -569,8 +569,10 @@ def configure_ui(p):
 def cmd_ui(a) -> int:
     "Run the MLflow UI on the configured tracking store."
     import subprocess
-    from promptsys.registry import mlflow_ui_command
-    cmd, env = mlflow_ui_command(settings_from_args(a), a.host, a.port)
+    from promptsys.registry import ingest_pending, mlflow_ui_command
+    s = settings_from_args(a)
+    ingest_pending(s)                  # an eval that just exited: its runs are in the store before the UI shows it
+    cmd, env = mlflow_ui_command(s, a.host, a.port)
     print(" ".join(cmd), flush=True)
     try: return subprocess.call(cmd, env=env)
     except KeyboardInterrupt: return 0

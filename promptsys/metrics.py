@@ -716,7 +716,8 @@ def _trace_one(self:TraceSink, rec:dict):
     from promptsys.registry import ensure_experiment, experiment_name, mlflow_client, tracking_uri
     task = rec.get("task") or "unknown"
     if task not in self._experiments:
-        self._experiments[task] = ensure_experiment(mlflow_client(self.settings), experiment_name(task, self.settings),
+        client = mlflow_client(self.settings, pending=False)     # a service's thread: never logs or waits for evals
+        self._experiments[task] = ensure_experiment(client, experiment_name(task, self.settings),
                                                     tracking_uri(self.settings))
     end = int(float(rec.get("ts") or time.time()) * 1e9)
     start = end - int(float(rec.get("latency_ms") or 0.0) * 1e6)

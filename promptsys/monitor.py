@@ -815,6 +815,12 @@ td:first-child,th:first-child{text-align:left}.ok{color:#2a7a2a}.warn{color:#b35
 pre{background:#f7f7f7;padding:12px;font-size:13px;line-height:1.25}img{display:block;margin:8px 0;max-width:100%}"""
 
 # %% ../nbs/19_monitor.ipynb #c078_l
+def _quality_cell(r:dict) -> str:
+    "A call's live quality score for the HTML call log ('' when it was not sampled), its failed checks as a tooltip."
+    q = r.get("quality")
+    if not q: return ""
+    return f"<span title='{html.escape(q['failed'] or 'all checks passed')}'>{q['score']:.2f}</span>"
+
 def _logs_html(s:Settings, sm:dict, stamp, n:int=20) -> str:
     "Each version's 'View logs' link, and the sections they point to: its latest calls and its latest failures."
     e, links, parts = html.escape, [], []
@@ -827,11 +833,13 @@ def _logs_html(s:Settings, sm:dict, stamp, n:int=20) -> str:
         failed = call_log(s, g["task"], version=g["version"], errors=True, limit=n, now=sm["until"])
         for i, (title, rows) in enumerate((("latest calls", latest), ("latest failures", failed))):
             body = "".join(f"<tr><td>{stamp(r['ts'])}</td><td>{e(str(r['request_id']))}</td><td>{e(r['role'] or '')}"
-                           f"</td><td>{e(_outcome(r))}</td><td>{_ms(r['latency_ms'])}</td><td style='text-align:left'>"
+                           f"</td><td>{e(_outcome(r))}</td><td>{_ms(r['latency_ms'])}</td><td>{_quality_cell(r)}</td>"
+                           "<td style='text-align:left'>"
                            f"{e((r['output'] or '')[:200])}</td></tr>" for r in rows)
-            body = body or "<tr><td colspan=6>none</td></tr>"
+            body = body or "<tr><td colspan=7>none</td></tr>"
             parts.append(f"<h3{'' if i else f' id={anchor!r}'}>{e(g['task'])} v{g['version']}: {title}</h3>"
                          "<table><tr><th>when</th><th>request</th><th>role</th><th>outcome</th><th>latency</th>"
+                         "<th>quality</th>"
                          f"<th>output</th></tr>{body}</table>")
     if not links: return ""
     return f"<ul>{''.join(links)}</ul><h2>Call logs</h2>" + "".join(parts)
