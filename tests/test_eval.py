@@ -385,15 +385,20 @@ def _eval_runs(db: Path) -> list:
     finally: con.close()
 
 
+def _run_cli(cli, tmp_path, envp, *args):
+    "Run the promptsys CLI (`cli` from `_cli_env`) in `tmp_path`; its completed process, asserted successful."
+    r = subprocess.run([*cli, *args], cwd=tmp_path, env=envp, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
 def test_eval_command_exits_before_its_runs_are_logged(env, tmp_path):
     "`promptsys eval` exits once its eval is durably spooled: its output pipes close at its exit (the worker holds "
     "none of them), the spool entry is there right after, its worker is in a session of its own, and the runs "
     "appear FINISHED and complete afterwards, the entry removed."
     db, ov, cli, envp = _cli_env(env, tmp_path)
-    r = subprocess.run([*cli, "eval", "sentiment", "--versions", "1,2,3"], cwd=tmp_path, env=envp,
-                       capture_output=True, text=True, timeout=120)
+    r = _run_cli(cli, tmp_path, envp, "eval", "sentiment", "--versions", "1,2,3")
     exited = time.monotonic()
-    assert r.returncode == 0, r.stderr[-2000:]
     spool = tmp_path / "state" / "tracking-spool"
     entries = list(spool.iterdir())
     assert len(entries) == 1 and (entries[0] / "manifest.json").is_file()       # handed over, not logged yet
@@ -413,9 +418,7 @@ def test_eval_command_exits_before_its_runs_are_logged(env, tmp_path):
 def test_eval_command_waits_for_its_runs_with_tracking_wait(env, tmp_path):
     "`[eval] tracking = wait`: the command returns once every run is FINISHED, and prints their ids."
     db, ov, cli, envp = _cli_env(env, tmp_path)
-    r = subprocess.run([*cli, "--set", "eval.tracking=wait", "eval", "sentiment", "--versions", "1,2"], cwd=tmp_path,
-                       env=envp, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run_cli(cli, tmp_path, envp, "--set", "eval.tracking=wait", "eval", "sentiment", "--versions", "1,2")
     runs = _eval_runs(db)
     assert sorted(x[2] for x in runs) == ["1", "2"] and {x[1] for x in runs} == {"FINISHED"}
     assert "run_id" in r.stdout and all(x[0] in r.stdout for x in runs) and "background" not in r.stdout
@@ -429,9 +432,7 @@ def test_a_killed_background_worker_loses_no_run(env, tmp_path, when, then):
     "latest run FINISHED and complete, the dead worker's runs KILLED and marked superseded, the spool empty."
     import signal
     db, ov, cli, envp = _cli_env(env, tmp_path)
-    r = subprocess.run([*cli, "eval", "sentiment", "--versions", "1,2,3"], cwd=tmp_path, env=envp,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _run_cli(cli, tmp_path, envp, "eval", "sentiment", "--versions", "1,2,3")
     spool = tmp_path / "state" / "tracking-spool"
     [entry] = list(spool.iterdir())
     worker = json.loads((entry / "manifest.json").read_text())["worker_pid"]
@@ -444,13 +445,10 @@ def test_a_killed_background_worker_loses_no_run(env, tmp_path, when, then):
     assert (entry / "manifest.json").is_file()                 # nothing logged is lost: the spool is still there
     if when == "runs started": assert [x for x in _eval_runs(db) if x[1] == "RUNNING"]
     if then == "promote":
-        r = subprocess.run([*cli, "promote", "sentiment", "--dry-run"], cwd=tmp_path, env=envp, capture_output=True,
-                           text=True, timeout=120)
-        assert r.returncode == 0 and "would promote" in r.stdout, r.stdout + r.stderr[-2000:]
+        r = _run_cli(cli, tmp_path, envp, "promote", "sentiment", "--dry-run")
+        assert "would promote" in r.stdout, r.stdout
     else:
-        r = subprocess.run([*cli, "eval", "sentiment", "--versions", "1", "--limit", "2"], cwd=tmp_path, env=envp,
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr[-2000:]
+        _run_cli(cli, tmp_path, envp, "eval", "sentiment", "--versions", "1", "--limit", "2")
         t0 = time.monotonic()
         while list(spool.iterdir()) and time.monotonic() - t0 < 90: time.sleep(0.05)
     assert list(spool.iterdir()) == []
