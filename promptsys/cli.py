@@ -27,25 +27,23 @@ __all__ = ['COMMANDS', 'GROUPS', 'USER_ERRORS', 'whole', 'number', 'versions_lis
 # %% ../nbs/21_cli.ipynb #c007_h2
 _state_dir: Path|None = None     # the last command's state folder: where an internal error's log goes
 
+def _bounded(cast, what:str, rng:str):
+    "An argparse `type`: `cast` (int or float) of the text, within the interval `rng`; `what` names it in errors."
+    def parse(text:str):
+        try: x = cast(text)
+        except ValueError: raise argparse.ArgumentTypeError(f"expected a {what}, not {text!r}") from None
+        if not in_range(x, rng): raise argparse.ArgumentTypeError(f"{text.strip()} is out of range, allowed {rng}")
+        return x
+    parse.__name__ = what
+    return parse
+
 def whole(rng:str="[1, inf)"):
     "An argparse `type` for a whole number in the interval `rng`."
-    def parse(text:str) -> int:
-        try: n = int(text)
-        except ValueError: raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-        if not in_range(n, rng): raise argparse.ArgumentTypeError(f"{n} is out of range, allowed {rng}")
-        return n
-    parse.__name__ = "whole number"
-    return parse
+    return _bounded(int, "whole number", rng)
 
 def number(rng:str="(0, inf)"):
     "An argparse `type` for a number in the interval `rng` (never NaN or infinite unless `rng` says so)."
-    def parse(text:str) -> float:
-        try: x = float(text)
-        except ValueError: raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
-        if not in_range(x, rng): raise argparse.ArgumentTypeError(f"{text} is out of range, allowed {rng}")
-        return x
-    parse.__name__ = "number"
-    return parse
+    return _bounded(float, "number", rng)
 
 def versions_list(text:str) -> str:
     "An argparse `type` for `--versions`: '1,3', 'v1, v3' or 'all' (kept as text; the command parses it)."
@@ -416,7 +414,7 @@ COMMANDS["run"] = ("run one input through a task's pipeline", configure_run, cmd
 # %% ../nbs/21_cli.ipynb #c036_x2
 def exit_now(code:int):
     "Leave the process now: flush stdout/stderr, run the exit handlers, skip the interpreter's slow teardown."
-    import atexit, os
+    import atexit
     for f in (sys.stdout, sys.stderr):
         try: f.flush()
         except (OSError, ValueError): pass
@@ -438,7 +436,6 @@ def configure_eval(p):
 
 def cmd_eval(a) -> int:
     "Evaluate versions of a task and log them to MLflow; non-zero when any call failed."
-    import os
     from promptsys.evaluation import evaluate, summary_text
     from promptsys.registry import parse_versions, tracking_uri, experiment_name
     s = settings_from_args(a)

@@ -13,7 +13,7 @@ from .prompts import Task, PromptVersion, OutputSchema, Scoring, load_task
 from .validation import validate_output
 from .registry import (tracking_uri, experiment_name, prompt_name, check_tracking, mlflow_client,
                                 ensure_experiment, register_version, latest_runs, open_spool, release_spool,
-                                read_manifest, spool_worker)
+                                read_manifest, spool_worker, hold_flock)
 from .metrics import percentile
 
 log = logging.getLogger("promptsys.evaluation")
@@ -595,17 +595,9 @@ def _load(path:Path):
 
 def _drawn(entry:Path, key, name:str, wait:float=60.0) -> bytes|None:
     "A figure the eval's drawer process left in the spool (`fig-<version|all>-<name>`), once it is done; else None."
-    import fcntl
-    try: fd = os.open(entry / "figures.lock", os.O_RDONLY)
-    except OSError: return None                       # no drawer: the figures are drawn here
-    try:
-        t0 = time.monotonic()
-        while True:                                   # the drawer holds the lock while it lives
-            try: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB); break
-            except BlockingIOError:
-                if time.monotonic() - t0 > wait: return None
-                time.sleep(0.02)
-    finally: os.close(fd)
+    fd = hold_flock(entry / "figures.lock", wait, shared=True)  # the drawer holds it while it lives; None: no drawer
+    if fd is None: return None
+    os.close(fd)
     try: return (entry / f"fig-{key}-{name}").read_bytes()
     except OSError: return None
 

@@ -290,14 +290,13 @@ def _drain(self:MetricsStore) -> int:
             calls = [r for r in batch if r.get("kind") != "quality"]
             scores = ([tuple(map(r.get, QUALITY_COLUMNS)) for r in batch if r.get("kind") == "quality"]
                       if len(calls) < len(batch) else [])
-            extra = (scores,) if scores else ()      # quality scores, when the batch holds any
             try:
                 if self._con is None: self._con = connect(self.path)
-                try: self._write([tuple(map(r.get, COLUMNS)) for r in calls], *extra)      # fast path: plain values
+                try: self._write([tuple(map(r.get, COLUMNS)) for r in calls], scores)      # fast path: plain values
                 except (sqlite3.InterfaceError, sqlite3.ProgrammingError, sqlite3.IntegrityError):
                     now = time.time()                                            # a structured value, or no ts
                     self._write([tuple(_cell(r.get(c)) if c != "ts" else (r.get("ts") or now) for c in COLUMNS)
-                                 for r in calls], *extra)
+                                 for r in calls], scores)
             except BaseException:
                 q.extendleft(reversed(batch)); raise
             finally: self._inflight = 0

@@ -18,10 +18,10 @@ log = logging.getLogger("promptsys.registry")
 
 # %% auto #0
 __all__ = ['log', 'STORE_SCHEMES', 'SPOOL', 'ALIASES', 'ROLLOUT_TAG', 'tracking_uri', 'experiment_name', 'prompt_name',
-           'check_tracking', 'spool_dir', 'open_spool', 'lock_spool', 'release_spool', 'spool_worker', 'read_manifest',
-           'ingest_pending', 'mlflow_client', 'ensure_experiment', 'mlflow_ui_command', 'parse_versions',
-           'registry_versions', 'model_config', 'register_version', 'latest_runs', 'task_experiment', 'current_alias',
-           'alias_number', 'utc_now', 'aliases_path', 'read_aliases', 'write_aliases', 'sync_aliases',
+           'check_tracking', 'spool_dir', 'open_spool', 'hold_flock', 'lock_spool', 'release_spool', 'spool_worker',
+           'read_manifest', 'ingest_pending', 'mlflow_client', 'ensure_experiment', 'mlflow_ui_command',
+           'parse_versions', 'registry_versions', 'model_config', 'register_version', 'latest_runs', 'task_experiment',
+           'current_alias', 'alias_number', 'utc_now', 'aliases_path', 'read_aliases', 'write_aliases', 'sync_aliases',
            'clear_alias_cache', 'resolve_alias', 'Live', 'read_rollout_file', 'read_rollout', 'set_rollout',
            'resolve_live', 'follow_seconds', 'LiveVersions', 'same_live', 'live_versions', 'wake_live', 'stop_live']
 
@@ -91,17 +91,22 @@ def open_spool(settings:Settings, name:str) -> tuple[Path, int]:
     _own[name] = threading.Event()
     return d / name, fd
 
-def lock_spool(entry:Path, wait:float=0.0) -> int|None:
-    "A descriptor holding `entry`'s lock, or None when another live process still holds it after `wait` seconds."
-    try: fd = os.open(entry / "lock", os.O_RDWR)
-    except OSError: return None                           # removed meanwhile: logged by its holder
+def hold_flock(path:Path, wait:float=0.0, shared:bool=False) -> int|None:
+    "A descriptor holding `path`'s flock (exclusive, or `shared`); None when the file is gone, or when another live "
+    "process still holds the lock after `wait` seconds."
+    try: fd = os.open(path, os.O_RDONLY if shared else os.O_RDWR)
+    except OSError: return None
     if not fcntl: return fd
     t0 = time.monotonic()
     while True:
-        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); return fd
+        try: fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB); return fd
         except BlockingIOError:
             if time.monotonic() - t0 >= wait: os.close(fd); return None
-            time.sleep(0.05)
+            time.sleep(0.02)
+
+def lock_spool(entry:Path, wait:float=0.0) -> int|None:
+    "A descriptor holding `entry`'s lock, or None when another live process still holds it after `wait` seconds."
+    return hold_flock(entry / "lock", wait)                # None also when the entry was removed: logged by its holder
 
 def release_spool(entry:Path, fd:int|None, remove:bool=False):
     "Let go of an entry (removed first when `remove`: its runs are all written)."
