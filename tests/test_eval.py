@@ -319,9 +319,12 @@ def test_kill_9_at_any_moment_leaves_no_finished_run_incomplete(env, tmp_path):
     control(env["url"], delay_ms=60)
     lingering = []
     try:
-        t0 = time.monotonic()
-        subprocess.run(cmd, cwd=tmp_path, env=envp, capture_output=True, check=True)
-        whole = time.monotonic() - t0                        # one eval from start to exit: the kills spread over it
+        lives = []
+        for _ in range(2):                                   # one eval from start to exit (the faster of two: the
+            t0 = time.monotonic()                            # first one's cold start), the kills spread over it
+            subprocess.run(cmd, cwd=tmp_path, env=envp, capture_output=True, check=True)
+            lives.append(time.monotonic() - t0)
+        whole = min(lives)
         for i, when in enumerate((0.3, "first FINISHED", 0.7, 0.95)):
             before = _finished(db)
             p = subprocess.Popen(cmd, cwd=tmp_path, env=envp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -340,7 +343,9 @@ def test_kill_9_at_any_moment_leaves_no_finished_run_incomplete(env, tmp_path):
                 for pid in [p.pid, *workers]:
                     try: os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError: pass
-            else: os.kill(p.pid, signal.SIGKILL)              # the eval alone: its worker sees it gone
+            else:                                             # the eval alone: its worker sees it gone
+                try: os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError: pass               # it was quicker this time: already gone, no kill
             p.wait()
             assert _gone(p.pid)
             lingering += workers
