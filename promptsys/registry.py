@@ -19,11 +19,12 @@ log = logging.getLogger("promptsys.registry")
 # %% auto #0
 __all__ = ['log', 'STORE_SCHEMES', 'SPOOL', 'ALIASES', 'ROLLOUT_TAG', 'tracking_uri', 'experiment_name', 'prompt_name',
            'check_tracking', 'spool_dir', 'open_spool', 'hold_flock', 'lock_spool', 'release_spool', 'spool_worker',
-           'read_manifest', 'ingest_pending', 'mlflow_client', 'ensure_experiment', 'mlflow_ui_command',
-           'parse_versions', 'registry_versions', 'model_config', 'register_version', 'latest_runs', 'task_experiment',
-           'current_alias', 'alias_number', 'utc_now', 'aliases_path', 'read_aliases', 'write_aliases', 'sync_aliases',
-           'clear_alias_cache', 'resolve_alias', 'Live', 'read_rollout_file', 'read_rollout', 'set_rollout',
-           'resolve_live', 'follow_seconds', 'LiveVersions', 'same_live', 'live_versions', 'wake_live', 'stop_live']
+           'read_manifest', 'ingest_pending', 'create_sqlite_store', 'mlflow_client', 'ensure_experiment',
+           'mlflow_ui_command', 'parse_versions', 'registry_versions', 'model_config', 'register_version',
+           'latest_runs', 'task_experiment', 'current_alias', 'alias_number', 'utc_now', 'aliases_path', 'read_aliases',
+           'write_aliases', 'sync_aliases', 'clear_alias_cache', 'resolve_alias', 'Live', 'read_rollout_file',
+           'read_rollout', 'set_rollout', 'resolve_live', 'follow_seconds', 'LiveVersions', 'same_live',
+           'live_versions', 'wake_live', 'stop_live']
 
 # %% ../nbs/13_registry.ipynb #c007
 def tracking_uri(settings:Settings) -> str:
@@ -160,6 +161,26 @@ def ingest_pending(settings:Settings, # Settings of the store about to be read
             os.close(fd)
     return done
 
+# %% ../nbs/13_registry.ipynb #c016_mk2
+def create_sqlite_store(path:Path # Where the sqlite database of an MLflow store goes
+                       ) -> bool:
+    "Create MLflow's tables in a private file and link it to `path`; False when `path` already exists."
+    if path.exists(): return False
+    for old in path.parent.glob(f".{path.name}.*.init*"):  # left by a process killed while it made the store (with
+        try: os.kill(int(old.name[len(path.name) + 2:].split("-")[0]), 0)      # the sqlite journal it had open)
+        except (ValueError, ProcessLookupError): old.unlink(missing_ok=True)
+        except PermissionError: pass                       # a live process of another user
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.init")
+    tmp.unlink(missing_ok=True)
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    try:
+        SqlAlchemyStore(f"sqlite:///{tmp}", str(path.parent / "mlartifacts")).engine.dispose()
+        os.link(tmp, path)
+        return True
+    except FileExistsError: return False                   # another process linked its copy first
+    except OSError: return False                           # no hard links here: MLflow makes it in place, as before
+    finally: tmp.unlink(missing_ok=True)
+
 # %% ../nbs/13_registry.ipynb #c017
 _clients: dict = {}
 
@@ -177,7 +198,9 @@ def mlflow_client(settings:Settings,
     from mlflow import MlflowClient
     # some MLflow calls (prompt links, tables) go through the global store: keep it on ours
     mlflow.set_tracking_uri(uri); mlflow.set_registry_uri(uri)
-    if uri not in _clients: _clients[uri] = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if uri not in _clients:
+        if uri.startswith("sqlite:///"): create_sqlite_store(Path(uri[len("sqlite:///"):]))
+        _clients[uri] = MlflowClient(tracking_uri=uri, registry_uri=uri)
     if pending: ingest_pending(settings)
     return _clients[uri]
 

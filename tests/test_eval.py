@@ -366,6 +366,60 @@ def test_kill_9_at_any_moment_leaves_no_finished_run_incomplete(env, tmp_path):
     assert list((tmp_path / "state" / "tracking-spool").iterdir()) == []
 
 
+def _open_store(db: Path) -> list:
+    "Processes that each open a new MLflow client on `db` (and read it), as evals and their workers do."
+    code = ("import sys; from promptsys.config import load_settings; from promptsys import registry; "
+            f"s = load_settings({str(ROOT / 'settings.ini')!r}, overrides={{'mlflow.tracking_uri': 'sqlite:///{db}'}}, "
+            "env={}); registry.mlflow_client(s, pending=False).search_experiments(); print('ok')")
+    envp = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return [sys.executable, "-c", code], envp
+
+
+def _tables(db: Path) -> set:
+    import sqlite3
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try: return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally: con.close()
+
+
+def test_processes_creating_one_new_store_at_once_all_open_it(tmp_path):
+    "Three processes open one new sqlite store at the same moment (an eval's worker and the next eval did, in CI). "
+    "MLflow alone lets each run the schema migrations on the one file (`table _alembic_tmp_experiments already "
+    "exists`, `expected to match one row ... in 'alembic_version'`); promptsys makes the store in a private file "
+    "and links it, so all three open it."
+    for k in range(3):
+        db = tmp_path / f"mlflow{k}.db"
+        cmd, envp = _open_store(db)
+        ps = [subprocess.Popen(cmd, env=envp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(3)]
+        outs = [p.communicate(timeout=300) for p in ps]
+        assert [o.strip() for o, _ in outs] == ["ok"] * 3, [e[-600:] for _, e in outs]
+        assert not [t for t in _tables(db) if t.startswith("_alembic_tmp")]
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []   # no private copy left
+
+
+def test_kill_9_while_a_new_store_is_made_leaves_no_half_store(tmp_path):
+    "SIGKILL a process in the middle of creating a new store's tables: the store's name never appears on a half-made "
+    "database, and the next process creates it whole (and removes the killed one's private file)."
+    import signal
+    db = tmp_path / "mlflow.db"
+    cmd, envp = _open_store(db)
+    p = subprocess.Popen(cmd, env=envp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while p.poll() is None and time.monotonic() < deadline:     # the private file has some tables, not all
+        tmp = list(tmp_path.glob(".mlflow.db.*.init"))
+        if tmp and tmp[0].stat().st_size > 64 * 1024: break
+        time.sleep(0.002)
+    assert p.poll() is None, "the store was made before the kill: nothing was tested"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not db.exists() and list(tmp_path.glob(".mlflow.db.*.init"))
+    out = subprocess.run(cmd, env=envp, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "ok", out.stderr[-600:]
+    assert {"experiments", "runs", "registered_models", "alembic_version"} <= _tables(db)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
+
+
 # -- issue 17: the command exits once its eval is spooled; the worker logs the runs after it ------------------------
 
 def _cli_env(env, tmp_path):
