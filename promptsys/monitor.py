@@ -666,10 +666,9 @@ def running_rollouts(settings:Settings|str|Path|None=None, task:str|None=None) -
     from promptsys import rollout
     from promptsys.errors import TrackingError
     from promptsys.prompts import list_tasks
-    from promptsys.registry import tracking_uri
+    from promptsys.registry import tracking_uri, sqlite_path
     s = _settings(settings)
-    uri = tracking_uri(s)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file(): return []    # no store yet
+    if (p := sqlite_path(tracking_uri(s))) is not None and not p.is_file(): return []    # no store yet
     out = []
     for t in [task] if task else list_tasks(s.promptsys.prompts_dir):
         try: j = rollout.judge(t, s)

@@ -17,22 +17,26 @@ from .validation import json_schema
 log = logging.getLogger("promptsys.registry")
 
 # %% auto #0
-__all__ = ['log', 'STORE_SCHEMES', 'SPOOL', 'ALIASES', 'ROLLOUT_TAG', 'tracking_uri', 'experiment_name', 'prompt_name',
-           'check_tracking', 'spool_dir', 'open_spool', 'hold_flock', 'lock_spool', 'release_spool', 'spool_worker',
-           'read_manifest', 'ingest_pending', 'create_sqlite_store', 'mlflow_client', 'ensure_experiment',
-           'mlflow_ui_command', 'parse_versions', 'registry_versions', 'model_config', 'register_version',
-           'latest_runs', 'task_experiment', 'current_alias', 'alias_number', 'utc_now', 'aliases_path', 'read_aliases',
-           'write_aliases', 'sync_aliases', 'clear_alias_cache', 'resolve_alias', 'Live', 'read_rollout_file',
-           'read_rollout', 'set_rollout', 'resolve_live', 'follow_seconds', 'LiveVersions', 'same_live',
-           'live_versions', 'wake_live', 'stop_live']
+__all__ = ['log', 'STORE_SCHEMES', 'SPOOL', 'ALIASES', 'ROLLOUT_TAG', 'tracking_uri', 'sqlite_path', 'experiment_name',
+           'prompt_name', 'check_tracking', 'spool_dir', 'open_spool', 'hold_flock', 'lock_spool', 'release_spool',
+           'spool_worker', 'read_manifest', 'ingest_pending', 'create_sqlite_store', 'mlflow_client',
+           'ensure_experiment', 'mlflow_ui_command', 'parse_versions', 'registry_versions', 'model_config',
+           'register_version', 'latest_runs', 'task_experiment', 'current_alias', 'alias_number', 'utc_now',
+           'aliases_path', 'read_aliases', 'write_aliases', 'sync_aliases', 'clear_alias_cache', 'resolve_alias',
+           'Live', 'read_rollout_file', 'read_rollout', 'set_rollout', 'resolve_live', 'follow_seconds', 'LiveVersions',
+           'same_live', 'live_versions', 'wake_live', 'stop_live']
 
 # %% ../nbs/13_registry.ipynb #c007
 def tracking_uri(settings:Settings) -> str:
     "The configured tracking URI, with a relative sqlite path made absolute (relative to the settings file)."
     uri = settings.mlflow.tracking_uri or "sqlite:///mlflow.db"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str((Path(settings.base) / uri[len("sqlite:///"):]).resolve())
+    if (p := sqlite_path(uri)) is not None and not p.is_absolute():
+        uri = "sqlite:///" + str((Path(settings.base) / p).resolve())
     return uri
+
+def sqlite_path(uri:str) -> Path|None:
+    "The database file of a `sqlite:///` URI (None for every other store)."
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 # %% ../nbs/13_registry.ipynb #c011
 def experiment_name(task:str, settings:Settings) -> str:
@@ -57,8 +61,7 @@ def check_tracking(uri:str, # A tracking URI (as `tracking_uri` returns it)
         if scheme not in {e.name for e in entry_points(group="mlflow.tracking_store")}:
             raise TrackingError(f"tracking store {uri}: MLflow has no store for {scheme}:// URIs",
                                 "Use sqlite:///path/mlflow.db, http(s)://host:port, file:/path or a database URL.")
-    if uri.startswith("sqlite:///"):
-        p = Path(uri[len("sqlite:///"):])
+    if (p := sqlite_path(uri)) is not None:
         if not p.parent.is_dir(): raise TrackingError(f"tracking store {uri}: folder {p.parent} does not exist")
         return
     if uri.startswith(("http://", "https://")):
@@ -199,7 +202,7 @@ def mlflow_client(settings:Settings,
     # some MLflow calls (prompt links, tables) go through the global store: keep it on ours
     mlflow.set_tracking_uri(uri); mlflow.set_registry_uri(uri)
     if uri not in _clients:
-        if uri.startswith("sqlite:///"): create_sqlite_store(Path(uri[len("sqlite:///"):]))
+        if (p := sqlite_path(uri)) is not None: create_sqlite_store(p)
         _clients[uri] = MlflowClient(tracking_uri=uri, registry_uri=uri)
     if pending: ingest_pending(settings)
     return _clients[uri]
@@ -214,7 +217,7 @@ def ensure_experiment(client, # An `MlflowClient`
     if exp is not None:
         if exp.lifecycle_stage == "deleted": client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    loc = str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name) if uri.startswith("sqlite:///") else None
+    loc = str(p.parent / "mlartifacts" / name) if (p := sqlite_path(uri)) is not None else None
     try: return client.create_experiment(name, artifact_location=loc, tags={"promptsys.task": name})
     except Exception:  # created meanwhile by another process
         return client.get_experiment_by_name(name).experiment_id
@@ -391,7 +394,7 @@ def _local_version(t:Task, number:int, h:str, template:str|None=None) -> PromptV
 # %% ../nbs/13_registry.ipynb #c062
 def _resolve_mlflow(task:Task, alias:str, s:Settings, uri:str) -> PromptVersion:
     "The alias's version from the registry; aliases.json updated when it changed."
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+    if (p := sqlite_path(uri)) is not None and not p.is_file():
         raise TrackingError(f"tracking store {uri} does not exist")
     rv = current_alias(mlflow_client(s, pending=False), task, alias, s)   # no runs read
     if rv is None:
@@ -469,7 +472,7 @@ def set_rollout(client, task:Task, settings:Settings, state:dict|None):
 # %% ../nbs/13_registry.ipynb #c068_8
 def _live_mlflow(task:Task, s:Settings) -> Live:
     uri = tracking_uri(s)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+    if (p := sqlite_path(uri)) is not None and not p.is_file():
         raise TrackingError(f"tracking store {uri} does not exist")
     client = mlflow_client(s, pending=False)        # aliases only: never waits for pending runs
     rvs = _registry_aliases(client, task, s)
