@@ -106,26 +106,38 @@ def render_messages(self:PromptVersion, **values) -> list[dict]:
 
 # %% ../nbs/02_prompts.ipynb #c017_h2
 _KINDS = {"whole": "a whole number", "number": "a number", "bool": "true or false", "str": "a string",
-          "strings": "a list of strings"}
+          "strings": "a list of strings", "regex": "a regular expression", "regexes": "a list of regular expressions"}
+
+def _regex_error(v:str|list) -> str|None:
+    "Why the pattern `v` (or one of the list `v`) does not compile; None when all do."
+    for p in v if isinstance(v, list) else [v]:
+        try: re.compile(p)
+        except re.error as e: return f"{p!r}: {e}"
+    return None
 
 def check_fields(d:dict, # A table of a task file
                  where:str, # The file, for messages
                  table:str, # The table's name, e.g. "output" or "inputs.subject"
-                 spec:dict # key -> (kind, range) with kind in _KINDS or a tuple of allowed values
+                 spec:dict, # key -> (kind, range) with kind in _KINDS or a tuple of allowed values
+                 closed:bool=False # Keys `spec` does not name are errors too
                 ) -> dict:
     "`d` when each key named in `spec` has the right type (and range); a `ConfigError` otherwise."
     if not isinstance(d, dict): raise ConfigError(f"{where}: [{table}] must be a table, not {d!r}")
+    if closed and (bad := sorted(set(d) - set(spec))):
+        raise ConfigError(f"{where}: [{table}] has unknown key(s) {', '.join(bad)}", f"Known keys: {', '.join(spec)}.")
     for k, (kind, rng) in spec.items():
         if k not in d: continue
         v, num = d[k], isinstance(d[k], (int, float)) and not isinstance(d[k], bool)
+        strs = isinstance(v, list) and all(isinstance(x, str) for x in v)
         ok = (v in kind if isinstance(kind, tuple) else
               {"whole": num and isinstance(v, int), "number": num, "bool": isinstance(v, bool),
-               "str": isinstance(v, str), "strings": isinstance(v, list) and all(isinstance(x, str) for x in v)}[kind])
+               "str": isinstance(v, str), "strings": strs, "regex": isinstance(v, str), "regexes": strs}[kind])
         if ok and rng and num: ok = in_range(v, rng)
-        if not ok:
+        why = _regex_error(v) if ok and kind in ("regex", "regexes") else None
+        if not ok or why:
             want = f"one of {', '.join(map(repr, kind))}" if isinstance(kind, tuple) else _KINDS[kind]
-            raise ConfigError(f"{where}: [{table}] {k} = {v!r} is not {want}" + (f" in {rng}" if rng else ""),
-                              f"Fix {k} in the [{table}] table of {Path(where).name}.")
+            raise ConfigError(f"{where}: [{table}] {k} = {v!r} is not {want}" + (f" in {rng}" if rng else "")
+                              + (f" ({why})" if why else ""), f"Fix {k} in the [{table}] table of {Path(where).name}.")
     return d
 
 OUTPUT_FIELDS = dict(kind=(("label", "json", "text"), None), field=("str", None), labels=("strings", None),
@@ -283,7 +295,7 @@ class Scoring:
 # %% ../nbs/02_prompts.ipynb #c026_q2
 QUALITY_CHECKS = ("min_chars", "max_chars", "must_match", "must_not_match", "must_not_contain", "grounded", "required")
 QUALITY_FIELDS = dict(sample=("number", "[0, 1]"), judge_sample=("number", "[0, 1]"), min_chars=("whole", "[0, inf)"),
-                      max_chars=("whole", "[0, inf)"), must_match=("str", None), must_not_match=("str", None),
+                      max_chars=("whole", "[0, inf)"), must_match=("regex", None), must_not_match=("regex", None),
                       must_not_contain=("strings", None), grounded=("strings", None), required=("strings", None))
 
 def _norm_words(x:str) -> str: return " ".join(str(x).casefold().split())
@@ -312,14 +324,7 @@ class Quality:
     @classmethod
     def from_dict(cls, d:dict, output:"OutputSchema", where:str):
         "The `[quality]` table of a task whose answers look like `output`; `where` names the file in errors."
-        if bad := sorted(set(d) - set(QUALITY_FIELDS)):
-            raise ConfigError(f"{where}: [quality] has unknown key(s) {', '.join(bad)}",
-                              f"Known keys: {', '.join(QUALITY_FIELDS)}.")
-        check_fields(d, where, "quality", QUALITY_FIELDS)
-        for k in ("must_match", "must_not_match"):
-            try: re.compile(d.get(k, ""))
-            except re.error as e:
-                raise ConfigError(f"{where}: [quality] {k}: {e}", "Fix the regular expression.") from None
+        check_fields(d, where, "quality", QUALITY_FIELDS, closed=True)
         props = (output.json_schema or {}).get("properties", {})
         for k in ("grounded", "required"):
             if d.get(k) and output.kind != "json":
@@ -461,14 +466,8 @@ def load_task(name:str, # The task's folder name
         if t in cfg: check_fields(cfg[t], str(tf), t, {})
     check_fields(cfg.get("defaults", {}), str(tf), "defaults", DEFAULTS_FIELDS)
     check_fields(cfg.get("dataset", {}), str(tf), "dataset", dict(path=("str", None)))
-    logc = check_fields(cfg.get("log", {}), str(tf), "log", dict(inputs=("bool", None), redact=("strings", None)))
-    if bad := sorted(set(logc) - {"inputs", "redact"}):
-        raise ConfigError(f"{tf}: [log] has unknown key(s) {', '.join(bad)}",
-                          "The [log] table takes inputs = true|false and redact = [regular expressions].")
-    for p in logc.get("redact", []):
-        try: re.compile(p)
-        except re.error as e:
-            raise ConfigError(f"{tf}: [log] redact {p!r}: {e}", "Fix the regular expression.") from None
+    logc = check_fields(cfg.get("log", {}), str(tf), "log", dict(inputs=("bool", None), redact=("regexes", None)),
+                        closed=True)
     inputs = input_specs(cfg, str(tf))
     notes = {int(str(k).lstrip("v")): v for k, v in cfg.get("versions", {}).items()}
     ds = cfg.get("dataset", {}).get("path")
