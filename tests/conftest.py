@@ -11,6 +11,7 @@
 - ``fake_server(*args, **kw)``: starts ``tests/fakeserver.py`` as a process (loopback only) and returns
   ``(proc, url)``; every server a test started is stopped when the test ends, pass or fail.
   ``fake_server.openai_url(url)`` is the base_url promptsys's OpenAI provider wants (``url + "/v1"``).
+- After each test module, the alias refresh threads its pipelines started are stopped (``registry.stop_live``).
 """
 from __future__ import annotations
 import os, sys
@@ -41,6 +42,15 @@ def make_settings(tmp_path, /, **overrides):
     }
     base.update({k.replace("__", ".", 1) if "." not in k else k: v for k, v in overrides.items()})
     return load_settings(SETTINGS_FILE, overrides=base, env={})
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _stop_live_refresh():
+    "After each test module, stop the alias refresh threads its pipelines started. Their stores are that module's, "
+    "and each refresh calls `mlflow_client`, which points MLflow's process-global tracking URI (and with it the "
+    "tracer's export target) at its store: a later module's MLflow traces were exported there."
+    yield
+    if "promptsys.registry" in sys.modules: sys.modules["promptsys.registry"].stop_live()
 
 
 @pytest.fixture(name="make_settings")
